@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# mmapfs vs tmpfs benchmark. See docs/bench.md.
+#
+#   scripts/bench.sh [--quick] [options]
+#
+# Mounts a fresh mmapfs image and a fresh tmpfs, runs the same workloads on both, interleaved
+# (tmpfs, mmapfs, tmpfs, mmapfs, ...) for several repetitions, and reports medians and the ratio
+# "fraction of tmpfs speed" (higher is better, 1.0 = tmpfs speed) per workload.
+# Output: a Markdown table on stdout; results.md, results.json, chart.svg and the raw fio/tool output in
+# results/bench-<timestamp>/, copied to results/latest/. Progress goes to stderr.
+# Exit status: 0 when every workload ran on both filesystems, 1 when a workload failed, 2 on a setup error.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: scripts/bench.sh [options]
+  --quick               tiny sizes, 1 repetition, short runtimes (< 1 minute; for CI: checks the bench runs)
+  --reps N              repetitions per workload (default 3, --quick: 1)
+  --only REGEX          run only the workloads whose name matches REGEX (grep -E)
+  --list                list the workloads and exit
+  --image-dir DIR       directory of the mmapfs image (default: a new temp dir under /var/tmp)
+  --image-size SIZE     mmapfs mkfs --size (default 4G, --quick: 256M)
+  --tmpfs-size SIZE     size= of the tmpfs (default 4G, --quick: 512M)
+  --threads N           mmapfs mount --threads N
+  -o OPTS               mmapfs mount -o OPTS
+  --job-timeout SECS    kill a workload after SECS (default 300, --quick: 60)
+  --results DIR         parent of the results folders (default: <repo>/results)
+  --no-build            do not run cargo build --release
+  --keep                keep the temp dir (image, generated repository) for inspection
+  --fs-under-test FS    mmapfs (default) or tmpfs: a second tmpfs stands in for mmapfs (to develop the bench)
+EOF
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELPERS=$REPO/scripts/bench
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 2
+}
+
+# ---------------------------------------------------------------- options
+QUICK=0 REPS="" ONLY="" LIST=0 IMAGE_DIR="" IMAGE_SIZE="" TMPFS_SIZE="" THREADS="" MOUNT_OPTS=""
+JOB_TIMEOUT="" RESULTS_BASE=$REPO/results BUILD=1 KEEP=0 FS_UNDER_TEST=mmapfs
+while (($#)); do
+    case $1 in
+    --quick) QUICK=1 ;;
+    --reps) REPS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --list) LIST=1 ;;
+    --image-dir) IMAGE_DIR=$2; shift ;;
+    --image-size) IMAGE_SIZE=$2; shift ;;
+    --tmpfs-size) TMPFS_SIZE=$2; shift ;;
+    --threads) THREADS=$2; shift ;;
+    -o) MOUNT_OPTS=$2; shift ;;
+    --job-timeout) JOB_TIMEOUT=$2; shift ;;
+    --results) RESULTS_BASE=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    --keep) KEEP=1 ;;
+    --fs-under-test) FS_UNDER_TEST=$2; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ $FS_UNDER_TEST == mmapfs || $FS_UNDER_TEST == tmpfs ]] || die "--fs-under-test must be mmapfs or tmpfs"
+
+# Order matters: the sequential jobs leave the big file in place for the random and mmap jobs.
+ALL_WORKLOADS=(
+    seq-write-cold seq-read-cold seq-read-warm seq-write-warm
+    rand-read rand-write
+    mmap-seq-write mmap-seq-read-cold mmap-seq-read mmap-rand-read mmap-rand-write
+    msync
+    scale-randrw-1 scale-randrw-2 scale-randrw-4
+    meta-1dir meta-100dirs smallfiles sqlite git-checkout
+)
+if ((LIST)); then
+    printf '%s\n' "${ALL_WORKLOADS[@]}"
+    exit 0
+fi
+WORKLOADS=()
+for w in "${ALL_WORKLOADS[@]}"; do
+    if [[ -z $ONLY ]] || grep -Eq -- "$ONLY" <<<"$w"; then WORKLOADS+=("$w"); fi
+done
+((${#WORKLOADS[@]})) || die "--only '$ONLY' matches no workload (see --list)"
+
+if ((QUICK)); then
+    : "${REPS:=1}" "${IMAGE_SIZE:=256M}" "${TMPFS_SIZE:=512M}" "${JOB_TIMEOUT:=60}"
+    export BENCH_FILE_SIZE=32m BENCH_SEQ_CAP=5 BENCH_RUNTIME=500ms BENCH_MSYNC_SIZE=4m
+    export BENCH_META_N=2000 BENCH_SMALL_N=500 BENCH_SQL_ROWS=2000 BENCH_SQL_BATCH=500
+    GIT_FILES=200
+else
+    : "${REPS:=3}" "${IMAGE_SIZE:=4G}" "${TMPFS_SIZE:=4G}" "${JOB_TIMEOUT:=300}"
+    export BENCH_FILE_SIZE=1g BENCH_SEQ_CAP=20 BENCH_RUNTIME=5s BENCH_MSYNC_SIZE=64m
+    export BENCH_META_N=100000 BENCH_SMALL_N=20000 BENCH_SQL_ROWS=50000 BENCH_SQL_BATCH=1000
+    GIT_FILES=3000
+fi
+export BENCH_SQL_MMAP=268435456
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
+
+[[ $(id -u) == 0 ]] || die "must run as root (mounts, drop_caches)"
+
+# ---------------------------------------------------------------- tools
+need_pkgs=()
+command -v fio >/dev/null || need_pkgs+=(fio)
+command -v sqlite3 >/dev/null || need_pkgs+=(sqlite3)
+command -v git >/dev/null || need_pkgs+=(git)
+command -v gcc >/dev/null || need_pkgs+=(gcc)
+command -v python3 >/dev/null || need_pkgs+=(python3)
+command -v timeout >/dev/null || need_pkgs+=(coreutils)
+command -v mountpoint >/dev/null || need_pkgs+=(util-linux)
+if [[ $FS_UNDER_TEST == mmapfs ]] && ! command -v fusermount3 >/dev/null; then need_pkgs+=(fuse3); fi
+if ((${#need_pkgs[@]})); then
+    log "installing ${need_pkgs[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"; } >&2 ||
+        die "could not install ${need_pkgs[*]}"
+fi
+
+START_NS=$(date +%s%N)
+MMAPFS=$REPO/target/release/mmapfs
+if [[ $FS_UNDER_TEST == mmapfs ]]; then
+    if ((BUILD)); then
+        log "cargo build --release"
+        (cd "$REPO" && cargo build --release) >&2 || die "cargo build --release failed"
+    fi
+    [[ -x $MMAPFS ]] || die "$MMAPFS not found (build failed or --no-build)"
+fi
+
+# ---------------------------------------------------------------- temp dirs, mounts, cleanup
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RESULTS=$RESULTS_BASE/bench-$STAMP
+RAW=$RESULTS/raw
+mkdir -p "$RAW"
+TMP=$(mktemp -d /var/tmp/mmapfs-bench.XXXXXX)
+if [[ -z $IMAGE_DIR ]]; then
+    IMAGE_DIR=$TMP/image
+fi
+mkdir -p "$IMAGE_DIR"
+IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
+IMAGE=$IMAGE_DIR/bench-$STAMP.img
+TOOLS=$TMP/tools
+export BENCH_TOOLS=$TOOLS
+mkdir -p "$TOOLS" "$TMP/mnt-tmpfs" "$TMP/mnt-fut"
+
+FS_NAMES=(tmpfs mmapfs) # A, B: the labels in the results
+MNT_A=$TMP/mnt-tmpfs
+MNT_B=$TMP/mnt-fut
+MOUNTED_A=0 MOUNTED_B=0 FUSE_CONN=""
+declare -A DEAD=()
+
+daemon_pids() {
+    # The mmapfs daemon we started is the process that holds the image open.
+    local p fd
+    for p in /proc/[0-9]*; do
+        for fd in "$p"/fd/*; do
+            if [[ $(readlink "$fd" 2>/dev/null) == "$IMAGE" ]]; then
+                echo "${p#/proc/}"
+                break
+            fi
+        done
+    done
+}
+
+unmount_one() {
+    local mnt=$1 fuse=$2
+    mountpoint -q "$mnt" || return 0
+    if timeout 60 umount "$mnt" 2>/dev/null; then return 0; fi
+    if ((fuse)) && timeout 30 fusermount3 -u "$mnt" 2>/dev/null; then return 0; fi
+    log "unmount of $mnt failed; forcing"
+    if ((fuse)) && [[ -n $FUSE_CONN && -e /sys/fs/fuse/connections/$FUSE_CONN/abort ]]; then
+        echo 1 >"/sys/fs/fuse/connections/$FUSE_CONN/abort" || true
+    fi
+    umount -l "$mnt" 2>/dev/null || true
+    return 1
+}
+
+CLEANED=0
+cleanup() {
+    local rc=$?
+    ((CLEANED)) && return
+    CLEANED=1
+    trap - INT TERM
+    if ((MOUNTED_A)); then unmount_one "$MNT_A" 0 || true; fi
+    if ((MOUNTED_B)); then
+        unmount_one "$MNT_B" "$([[ $FS_UNDER_TEST == mmapfs ]] && echo 1 || echo 0)" || true
+    fi
+    if [[ $FS_UNDER_TEST == mmapfs && -e $IMAGE ]]; then
+        local i pids
+        for ((i = 0; i < 20; i++)); do
+            pids=$(daemon_pids)
+            [[ -z $pids ]] && break
+            sleep 0.5
+        done
+        if [[ -n $pids ]]; then
+            log "mmapfs daemon still running after unmount: killing pid(s) $pids"
+            # shellcheck disable=SC2086
+            kill -9 $pids 2>/dev/null || true
+        fi
+    fi
+    if ((KEEP)); then
+        log "kept $TMP (image: $IMAGE)"
+    else
+        rm -rf "$TMP"
+        rm -f "$IMAGE"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+mount -t tmpfs -o "size=$TMPFS_SIZE" tmpfs "$MNT_A"
+MOUNTED_A=1
+if [[ $FS_UNDER_TEST == mmapfs ]]; then
+    log "mkfs $IMAGE --size $IMAGE_SIZE"
+    timeout 120 "$MMAPFS" mkfs "$IMAGE" --size "$IMAGE_SIZE" >&2 || die "mmapfs mkfs failed"
+    mount_cmd=("$MMAPFS" mount)
+    [[ -n $THREADS ]] && mount_cmd+=(--threads "$THREADS")
+    [[ -n $MOUNT_OPTS ]] && mount_cmd+=(-o "$MOUNT_OPTS")
+    mount_cmd+=("$IMAGE" "$MNT_B")
+    log "${mount_cmd[*]}"
+    MOUNTED_B=1
+    timeout 60 "${mount_cmd[@]}" >&2 || die "mmapfs mount failed"
+    for ((i = 0; i < 50; i++)); do
+        mountpoint -q "$MNT_B" && break
+        sleep 0.1
+    done
+    mountpoint -q "$MNT_B" || die "mmapfs mount returned but $MNT_B is not a mount point"
+    FSTYPE_B=$(findmnt -n -o FSTYPE "$MNT_B" || echo "?")
+    FUSE_CONN=$(mountpoint -d "$MNT_B" | cut -d: -f2)
+else
+    FS_NAMES=(tmpfs tmpfs-standin)
+    mount -t tmpfs -o "size=$TMPFS_SIZE" tmpfs "$MNT_B"
+    MOUNTED_B=1
+    FSTYPE_B=tmpfs
+fi
+mkdir -p "$MNT_A/bench" "$MNT_B/bench"
+DEV_B=$(mountpoint -d "$MNT_B")
+
+# ---------------------------------------------------------------- machine and configuration
+META=$RESULTS/meta.txt
+{
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "mode=$( ((QUICK)) && echo quick || echo full)"
+    echo "reps=$REPS"
+    echo "fs_a=${FS_NAMES[0]}"
+    echo "fs_b=${FS_NAMES[1]}"
+    echo "fs_under_test=$FS_UNDER_TEST"
+    echo "git_commit=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "git_dirty=$(if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then echo yes; else echo no; fi)"
+    echo "hostname=$(hostname)"
+    echo "nproc=$(nproc)"
+    echo "kernel=$(uname -r)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)"
+    echo "mem_total=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "fio_version=$(fio --version)"
+    echo "sqlite_version=$(sqlite3 --version | cut -d' ' -f1)"
+    echo "git_version=$(git --version | cut -d' ' -f3)"
+    echo "tmpfs_size=$TMPFS_SIZE"
+    echo "image_dir=$IMAGE_DIR"
+    echo "image_dir_fs=$(findmnt -n -o FSTYPE,SOURCE --target "$IMAGE_DIR" | tr -s ' ')"
+    echo "image_size=$IMAGE_SIZE"
+    echo "mount_threads=${THREADS:-default}"
+    echo "mount_opts=${MOUNT_OPTS:-none}"
+    echo "fstype_b=$FSTYPE_B"
+    echo "mount_b=$(findmnt -n -o OPTIONS "$MNT_B")"
+    echo "file_size=$BENCH_FILE_SIZE"
+    echo "seq_cap_s=$BENCH_SEQ_CAP"
+    echo "runtime=$BENCH_RUNTIME"
+    echo "msync_size=$BENCH_MSYNC_SIZE"
+    echo "meta_n=$BENCH_META_N"
+    echo "small_n=$BENCH_SMALL_N"
+    echo "sql_rows=$BENCH_SQL_ROWS"
+    echo "sql_batch=$BENCH_SQL_BATCH"
+    echo "sql_mmap=$BENCH_SQL_MMAP"
+    echo "git_files=$GIT_FILES"
+    echo "bdi_dev=$DEV_B"
+    if [[ -d /sys/class/bdi/$DEV_B ]]; then
+        for f in /sys/class/bdi/"$DEV_B"/*; do
+            [[ -f $f && -r $f ]] || continue
+            echo "bdi.$(basename "$f")=$(tr '\n' ' ' <"$f" 2>/dev/null | sed 's/ *$//')"
+        done
+    else
+        echo "bdi.none=no /sys/class/bdi/$DEV_B (no per-mount backing device)"
+    fi
+    echo "vm.dirty_ratio=$(cat /proc/sys/vm/dirty_ratio)"
+    echo "vm.dirty_background_ratio=$(cat /proc/sys/vm/dirty_background_ratio)"
+} >"$META"
+
+# ---------------------------------------------------------------- tools: fsops, SQL script, git repository
+log "preparing tools in $TOOLS"
+gcc -O2 -Wall -o "$TOOLS/fsops" "$HELPERS/fsops.c"
+{
+    echo "PRAGMA mmap_size=$BENCH_SQL_MMAP;"
+    echo "PRAGMA journal_mode=WAL;"
+    echo "PRAGMA synchronous=FULL;"
+    echo "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER NOT NULL, v BLOB NOT NULL);"
+    echo "CREATE INDEX t_k ON t(k);"
+    for ((lo = 1; lo <= BENCH_SQL_ROWS; lo += BENCH_SQL_BATCH)); do
+        hi=$((lo + BENCH_SQL_BATCH - 1))
+        ((hi > BENCH_SQL_ROWS)) && hi=$BENCH_SQL_ROWS
+        echo "BEGIN; WITH RECURSIVE c(x) AS (SELECT $lo UNION ALL SELECT x + 1 FROM c WHERE x < $hi)" \
+            "INSERT INTO t(id, k, v) SELECT x, (x * 7919) % 100003, randomblob(100) FROM c; COMMIT;"
+    done
+} >"$TOOLS/insert.sql"
+python3 "$HELPERS/mkrepo.py" "$GIT_FILES" "$TOOLS/gitsrc"
+(
+    cd "$TOOLS/gitsrc"
+    git init -q -b main
+    git add -A .
+    git -c user.name=bench -c user.email=bench@localhost commit -q -m "bench source tree"
+    git gc -q
+) >&2
+
+# ---------------------------------------------------------------- run
+fs_healthy() {
+    local mnt=$1
+    mountpoint -q "$mnt" && timeout 15 stat "$mnt/bench" >/dev/null 2>&1 && timeout 15 ls "$mnt/bench" >/dev/null 2>&1
+}
+
+FAILURES=0
+run_one() {
+    local wl=$1 side=$2 rep=$3 mnt fs out t0 t1 rc
+    if [[ $side == A ]]; then mnt=$MNT_A; fs=${FS_NAMES[0]}; else mnt=$MNT_B; fs=${FS_NAMES[1]}; fi
+    out=$RAW/$wl.$fs.$rep
+    if [[ -n ${DEAD[$side]:-} ]]; then
+        echo "skipped: $fs is not healthy after an earlier failure (${DEAD[$side]})" >"$out.failed"
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    t0=$(date +%s%N)
+    rc=0
+    timeout -k 10 "$JOB_TIMEOUT" "$HELPERS/workload.sh" "$wl" "$mnt/bench" "$out" 2>"$out.log" || rc=$?
+    t1=$(date +%s%N)
+    local secs
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
+    if ((rc != 0)) || [[ ! -s $out.json ]]; then
+        local why="exit status $rc"
+        ((rc == 124 || rc == 137)) && why="timed out after ${JOB_TIMEOUT}s"
+        {
+            echo "$why"
+            tail -n 20 "$out.log"
+        } >"$out.failed"
+        FAILURES=$((FAILURES + 1))
+        log "FAILED $wl on $fs (rep $rep): $why; $(tail -n 1 "$out.log" 2>/dev/null)"
+        if ! fs_healthy "$mnt"; then
+            DEAD[$side]="$wl rep $rep"
+            log "$fs at $mnt is not healthy any more: skipping its remaining workloads"
+        fi
+    else
+        log "$wl on $fs (rep $rep): ${secs}s"
+    fi
+}
+
+log "results: $RESULTS"
+log "workloads: ${WORKLOADS[*]} | reps: $REPS | ${FS_NAMES[0]} vs ${FS_NAMES[1]}"
+for ((rep = 1; rep <= REPS; rep++)); do
+    for wl in "${WORKLOADS[@]}"; do
+        run_one "$wl" A "$rep"
+        run_one "$wl" B "$rep"
+    done
+done
+
+# Record the bdi values again at the end (they can be changed while mounted).
+if [[ -d /sys/class/bdi/$DEV_B ]]; then
+    for f in max_ratio strict_limit read_ahead_kb; do
+        [[ -r /sys/class/bdi/$DEV_B/$f ]] && echo "bdi_end.$f=$(cat "/sys/class/bdi/$DEV_B/$f")" >>"$META"
+    done
+fi
+BENCH_NS=$(($(date +%s%N) - START_NS))
+
+# Unmount now (not only in the trap) so that the fsck of the image can run.
+rm -rf "${MNT_A:?}/bench" || true
+unmount_one "$MNT_A" 0 && MOUNTED_A=0
+if [[ $FS_UNDER_TEST == mmapfs ]]; then
+    if unmount_one "$MNT_B" 1; then
+        MOUNTED_B=0
+        for ((i = 0; i < 40; i++)); do
+            [[ -z $(daemon_pids) ]] && break
+            sleep 0.25
+        done
+        if timeout 300 "$MMAPFS" fsck "$IMAGE" >"$RAW/fsck.log" 2>&1; then
+            echo "fsck=ok" >>"$META"
+        else
+            echo "fsck=FAILED (see raw/fsck.log)" >>"$META"
+            log "mmapfs fsck of the image FAILED: $(tail -n 3 "$RAW/fsck.log")"
+            FAILURES=$((FAILURES + 1))
+        fi
+    else
+        echo "fsck=not run (unmount failed)" >>"$META"
+        FAILURES=$((FAILURES + 1))
+    fi
+else
+    unmount_one "$MNT_B" 0 && MOUNTED_B=0
+fi
+echo "elapsed_s=$(awk -v n="$BENCH_NS" 'BEGIN {printf "%.1f", n / 1e9}')" >>"$META"
+
+# ---------------------------------------------------------------- report
+python3 "$HELPERS/report.py" "$RESULTS" "${WORKLOADS[@]}" || {
+    log "report.py failed"
+    FAILURES=$((FAILURES + 1))
+}
+rm -rf "$RESULTS_BASE/latest"
+cp -a "$RESULTS" "$RESULTS_BASE/latest"
+log "results in $RESULTS (copied to $RESULTS_BASE/latest); total $(awk -v n="$BENCH_NS" 'BEGIN {printf "%.1f", n / 1e9}')s"
+if ((FAILURES)); then
+    log "$FAILURES job(s) failed"
+    exit 1
+fi

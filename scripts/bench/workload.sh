@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Runs ONE benchmark workload in ONE directory; called by scripts/bench.sh under `timeout`.
+#
+#   workload.sh WORKLOAD DIR OUT
+#
+# Writes OUT.json (fio JSON output, or the JSON of fsops/sqlite/git timings) and logs to stderr.
+# Configuration comes from the environment (exported by bench.sh):
+#   BENCH_FILE_SIZE   size of the big file for sequential/random jobs (fio syntax, e.g. 1g)
+#   BENCH_SEQ_CAP     runtime cap of the sequential jobs, seconds
+#   BENCH_RUNTIME     runtime of the time-based jobs (fio syntax, e.g. 5s or 500ms)
+#   BENCH_MSYNC_SIZE  size of the file of the msync job
+#   BENCH_META_N      number of files of the metadata jobs
+#   BENCH_SMALL_N     number of files of the small-file job
+#   BENCH_SQL_ROWS / BENCH_SQL_BATCH   SQLite rows and rows per transaction
+#   BENCH_SQL_MMAP    PRAGMA mmap_size in bytes
+#   BENCH_TOOLS       directory holding fsops, the SQL scripts and the git source repository
+set -euo pipefail
+
+wl=$1
+dir=$2
+out=$3
+
+: "${BENCH_FILE_SIZE:?}" "${BENCH_SEQ_CAP:?}" "${BENCH_RUNTIME:?}" "${BENCH_MSYNC_SIZE:?}"
+: "${BENCH_META_N:?}" "${BENCH_SMALL_N:?}" "${BENCH_SQL_ROWS:?}" "${BENCH_SQL_BATCH:?}"
+: "${BENCH_SQL_MMAP:?}" "${BENCH_TOOLS:?}"
+
+now_ns() { date +%s%N; }
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# fio_run NAME ARGS... : one fio job, JSON output in $out.json.
+# invalidate=0 everywhere: the cold jobs drop the caches explicitly before fio starts.
+fio_run() {
+    local name=$1
+    shift
+    fio --output-format=json --output="$out.json" \
+        --name="$name" --ioengine=psync --direct=0 --invalidate=0 --fallocate=none \
+        --randrepeat=1 --norandommap --group_reporting --unlink=0 "$@"
+}
+
+big=$dir/seq.dat
+seq_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --runtime="$BENCH_SEQ_CAP")
+rand_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --time_based --runtime="$BENCH_RUNTIME")
+
+case $wl in
+# ---- sequential, 1 MiB blocks, psync, on one file of BENCH_FILE_SIZE ----
+seq-write-cold)
+    rm -f "$big"
+    drop_caches
+    fio_run "$wl" "${seq_args[@]}" --rw=write --bs=1m
+    ;;
+seq-read-cold)
+    drop_caches
+    fio_run "$wl" "${seq_args[@]}" --rw=read --bs=1m
+    ;;
+seq-read-warm)
+    fio_run "$wl" "${seq_args[@]}" --rw=read --bs=1m --pre_read=1
+    ;;
+seq-write-warm)
+    fio_run "$wl" "${seq_args[@]}" --rw=write --bs=1m --pre_read=1
+    ;;
+# ---- random 4 KiB, psync, time based, same file (warm) ----
+rand-read)
+    fio_run "$wl" "${rand_args[@]}" --rw=randread --bs=4k --pre_read=1
+    ;;
+rand-write)
+    fio_run "$wl" "${rand_args[@]}" --rw=randwrite --bs=4k
+    ;;
+# ---- the same patterns through mmap (fio ioengine=mmap: memcpy to/from a MAP_SHARED mapping) ----
+mmap-seq-write)
+    fio_run "$wl" "${seq_args[@]}" --ioengine=mmap --rw=write --bs=1m
+    ;;
+mmap-seq-read-cold)
+    drop_caches
+    fio_run "$wl" "${seq_args[@]}" --ioengine=mmap --rw=read --bs=1m
+    ;;
+mmap-seq-read)
+    fio_run "$wl" "${seq_args[@]}" --ioengine=mmap --rw=read --bs=1m --pre_read=1
+    ;;
+mmap-rand-read)
+    fio_run "$wl" "${rand_args[@]}" --ioengine=mmap --rw=randread --bs=4k --pre_read=1
+    ;;
+mmap-rand-write)
+    fio_run "$wl" "${rand_args[@]}" --ioengine=mmap --rw=randwrite --bs=4k
+    ;;
+# ---- msync-heavy: every 4 KiB store into the mapping is followed by msync(MS_SYNC) ----
+msync)
+    fio_run "$wl" --filename="$dir/msync.dat" --size="$BENCH_MSYNC_SIZE" --time_based \
+        --runtime="$BENCH_RUNTIME" --ioengine=mmap --rw=randwrite --bs=4k --fsync=1
+    ;;
+# ---- scale: 1, 2, 4 concurrent jobs, 4 KiB random read/write 50/50 on one shared file ----
+scale-randrw-1 | scale-randrw-2 | scale-randrw-4)
+    fio_run "$wl" "${rand_args[@]}" --rw=randrw --rwmixread=50 --bs=4k --numjobs="${wl##*-}"
+    ;;
+# ---- metadata: create/stat/rename/unlink of BENCH_META_N empty files, in 1 or 100 directories ----
+meta-1dir | meta-100dirs)
+    ndirs=1
+    [[ $wl == meta-100dirs ]] && ndirs=100
+    mkdir -p "$dir/meta"
+    "$BENCH_TOOLS/fsops" meta "$dir/meta" "$BENCH_META_N" "$ndirs" >"$out.json.tmp"
+    mv "$out.json.tmp" "$out.json"
+    rmdir "$dir/meta"
+    ;;
+# ---- small files (4 KiB, in 100 directories): write, read back warm, read back after drop_caches, delete ----
+smallfiles)
+    mkdir -p "$dir/small"
+    "$BENCH_TOOLS/fsops" small "$dir/small" "$BENCH_SMALL_N" 4096 100 1 >"$out.json.tmp"
+    mv "$out.json.tmp" "$out.json"
+    rmdir "$dir/small"
+    ;;
+# ---- SQLite with PRAGMA mmap_size and WAL: inserts in transactions, then a full scan ----
+sqlite)
+    db=$dir/bench.sqlite
+    rm -f "$db" "$db-wal" "$db-shm"
+    t0=$(now_ns)
+    sqlite3 "$db" <"$BENCH_TOOLS/insert.sql" >/dev/null
+    t1=$(now_ns)
+    res=$(sqlite3 "$db" "PRAGMA mmap_size=$BENCH_SQL_MMAP;" "SELECT count(*), sum(length(v)) FROM t;" | tail -n 1)
+    t2=$(now_ns)
+    check=$(sqlite3 "$db" "PRAGMA integrity_check;")
+    rows=${res%%|*}
+    if [[ $rows != "$BENCH_SQL_ROWS" || $check != ok ]]; then
+        echo "sqlite: rows=$rows (want $BENCH_SQL_ROWS) integrity_check=$check" >&2
+        exit 1
+    fi
+    printf '{"insert": {"ops": %s, "ns": %s}, "scan": {"ops": %s, "ns": %s}}\n' \
+        "$rows" "$((t1 - t0))" "$rows" "$((t2 - t1))" >"$out.json"
+    rm -f "$db" "$db-wal" "$db-shm"
+    ;;
+# ---- git: checkout of the generated repository (clone --no-checkout untimed), then git status ----
+git-checkout)
+    dst=$dir/repo
+    rm -rf "$dst"
+    git clone -q --no-checkout --no-hardlinks "$BENCH_TOOLS/gitsrc" "$dst"
+    t0=$(now_ns)
+    git -C "$dst" checkout -q -f main
+    t1=$(now_ns)
+    st=$(git -C "$dst" status --porcelain)
+    t2=$(now_ns)
+    if [[ -n $st ]]; then
+        echo "git status not clean after checkout:" >&2
+        echo "$st" | head >&2
+        exit 1
+    fi
+    files=$(git -C "$dst" ls-files | wc -l)
+    printf '{"checkout": {"ops": %s, "ns": %s}, "status": {"ops": %s, "ns": %s}}\n' \
+        "$files" "$((t1 - t0))" "$files" "$((t2 - t1))" >"$out.json"
+    rm -rf "$dst"
+    ;;
+*)
+    echo "unknown workload: $wl" >&2
+    exit 2
+    ;;
+esac
