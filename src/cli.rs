@@ -1,0 +1,406 @@
+//! Command line: `mkfs`, `mount`, `fsck`, `info`. Every failure is one line on stderr and a
+//! non-zero exit; nothing here panics on bad input.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::{Engine, OpenMode, check};
+use crate::format::*;
+use crate::fs::Fs;
+use crate::fuse::{FuseAdapter, KernelOptions};
+
+/// Line the background daemon prints once the mount is live.
+const READY_LINE: &str = "mmapfs: mount is live";
+
+#[derive(Parser)]
+#[command(
+    name = "mmapfs",
+    version,
+    about = "A persistent FUSE filesystem in one memory-mapped image file"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Create and format an image file.
+    Mkfs {
+        image: PathBuf,
+        /// Initial size, e.g. 16M, 4G (the image grows on demand).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Overwrite an existing non-empty file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Mount an image. Returns once the mount is live unless --foreground.
+    Mount {
+        /// Stay in the foreground until unmounted.
+        #[arg(long)]
+        foreground: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: u16,
+        /// Mount options: ro, noexec, nosuid, nodev, noatime, writeback_cache,
+        /// no_writeback_cache, no_readdirplus, fsname=NAME, or any kernel FUSE option.
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
+        image: PathBuf,
+        mountpoint: PathBuf,
+    },
+    /// Check every invariant of the image; exit 0 when consistent.
+    Fsck {
+        image: PathBuf,
+        /// Repair what can be repaired (what a mount does after a crash).
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Show the superblock, capacity, usage and state.
+    Info { image: PathBuf },
+}
+
+/// Parses `16M`, `4G`, `512k`, `1T`, `4096`, with optional `B`/`iB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("malformed size {s:?} (expected e.g. 16M, 4G)"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
+    if bytes < MIN_IMAGE_SIZE {
+        return Err(format!("size {s:?} is below the minimum of 1M"));
+    }
+    Ok(bytes)
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mmapfs: {msg}");
+    ExitCode::FAILURE
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Verb::Mkfs { image, size, force } => match Engine::mkfs(&image, size, force) {
+            Ok(()) => {
+                println!(
+                    "formatted {} ({} bytes)",
+                    image.display(),
+                    size / BLOCK_SIZE * BLOCK_SIZE
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Verb::Mount {
+            foreground,
+            threads,
+            options,
+            image,
+            mountpoint,
+        } => {
+            if foreground {
+                mount_foreground(&image, &mountpoint, threads, &options)
+            } else {
+                mount_background()
+            }
+        }
+        Verb::Fsck { image, repair } => fsck(&image, repair),
+        Verb::Info { image } => info(&image),
+    }
+}
+
+fn fsck(image: &Path, repair: bool) -> ExitCode {
+    let engine = match Engine::open(image, OpenMode::Inspect) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let dirty = engine.superblock().state.get() != STATE_CLEAN;
+    let mode = if repair {
+        check::Mode::Repair
+    } else {
+        check::Mode::Report
+    };
+    match check::run(&engine, mode) {
+        Ok(report) => {
+            for r in &report.repaired {
+                println!("repaired: {r}");
+            }
+            if repair && report.problems.is_empty() {
+                if let Err(e) = engine.close_clean() {
+                    return fail(format!("{}: {e}", image.display()));
+                }
+            }
+            for p in &report.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "{}: {} inodes, {} directories, {} blocks used{}",
+                image.display(),
+                report.inodes,
+                report.directories,
+                report.blocks_used,
+                if dirty && !repair {
+                    " (not cleanly unmounted: the next mount recovers it)"
+                } else {
+                    ""
+                }
+            );
+            if report.problems.is_empty() {
+                println!("clean");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "mmapfs: {}: {} problem(s) found",
+                    image.display(),
+                    report.problems.len()
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(format!("{}: {e}", image.display())),
+    }
+}
+
+fn info(image: &Path) -> ExitCode {
+    let engine = match Engine::open(image, OpenMode::Inspect) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let sb = engine.superblock();
+    let total = sb.total_blocks.get();
+    let free = sb.free_blocks.get();
+    let mib = |blocks: u64| blocks as f64 * BLOCK_SIZE as f64 / (1 << 20) as f64;
+    let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
+    println!("image:        {}", image.display());
+    println!("format:       mmapfs version {}", sb.version);
+    println!("uuid:         {uuid}");
+    println!(
+        "state:        {}",
+        if sb.state.get() == STATE_CLEAN {
+            "clean"
+        } else {
+            "dirty (not cleanly unmounted)"
+        }
+    );
+    println!("block size:   {BLOCK_SIZE}");
+    println!("capacity:     {total} blocks ({:.1} MiB)", mib(total));
+    println!(
+        "used:         {} blocks ({:.1} MiB)",
+        total - free,
+        mib(total - free)
+    );
+    println!("free:         {free} blocks ({:.1} MiB)", mib(free));
+    println!(
+        "inodes:       {} used, {} slots",
+        sb.used_inodes, sb.itab_slots
+    );
+    println!("created:      {} (unix time)", sb.created_sec);
+    println!("mount count:  {}", sb.mount_count);
+    ExitCode::SUCCESS
+}
+
+/// Validates the mount point: it must exist, be a directory and not already be mounted.
+fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
+    let canon = mp
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", mp.display()))?;
+    if !canon.is_dir() {
+        return Err(format!("mount point {} is not a directory", mp.display()));
+    }
+    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let target = canon.to_string_lossy();
+        for line in info.lines() {
+            if line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*target) {
+                return Err(format!(
+                    "mount point {} is busy (already mounted)",
+                    mp.display()
+                ));
+            }
+        }
+    }
+    Ok(canon)
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[String]) -> ExitCode {
+    let mp = match check_mountpoint(mountpoint) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let engine = match Engine::open(image, OpenMode::Mount) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    let mut kopts = KernelOptions {
+        writeback_cache: false,
+        readdirplus: true,
+    };
+    let canon_image = image.canonicalize().unwrap_or_else(|_| image.to_path_buf());
+    let mut mount_options = vec![
+        fuser::MountOption::FSName(format!("mmapfs:{}", canon_image.display())),
+        fuser::MountOption::Subtype("mmapfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    for o in options.iter().filter(|o| !o.is_empty()) {
+        match o.as_str() {
+            "writeback_cache" => kopts.writeback_cache = true,
+            "no_writeback_cache" => kopts.writeback_cache = false,
+            "no_readdirplus" => kopts.readdirplus = false,
+            "ro" => mount_options.push(fuser::MountOption::RO),
+            "rw" => mount_options.push(fuser::MountOption::RW),
+            "exec" => mount_options.push(fuser::MountOption::Exec),
+            "noexec" => mount_options.push(fuser::MountOption::NoExec),
+            "suid" => mount_options.push(fuser::MountOption::Suid),
+            "nosuid" => mount_options.push(fuser::MountOption::NoSuid),
+            "dev" => mount_options.push(fuser::MountOption::Dev),
+            "nodev" => mount_options.push(fuser::MountOption::NoDev),
+            "atime" => mount_options.push(fuser::MountOption::Atime),
+            "noatime" => mount_options.push(fuser::MountOption::NoAtime),
+            "allow_other" | "default_permissions" => {}
+            other => match other.strip_prefix("fsname=") {
+                Some(name) => mount_options[0] = fuser::MountOption::FSName(name.into()),
+                None => mount_options.push(fuser::MountOption::CUSTOM(other.into())),
+            },
+        }
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    // allow_other when root: integration clients run as other users (pjdfstest, sudo -u).
+    config.acl = if is_root() {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(usize::from(threads));
+    config.clone_fd = true;
+    let fs = Fs::new(engine);
+    let mut session = match fuser::Session::new(FuseAdapter::new(fs, kopts), &mp, &config) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot mount on {}: {e}", mp.display())),
+    };
+    let mut unmounter = session.unmount_callable();
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]);
+    match signals {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    log::info!("signal {sig}: unmounting");
+                    if let Err(e) = unmounter.unmount() {
+                        log::error!("unmount on signal failed: {e}");
+                    }
+                }
+            });
+        }
+        Err(e) => log::warn!("cannot install signal handlers: {e}"),
+    }
+    log::info!("mounted {} on {}", image.display(), mp.display());
+    println!("{READY_LINE}");
+    std::io::stdout().flush().ok();
+    match session.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!(
+            "session on {} ended with an error: {e}",
+            mp.display()
+        )),
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Runs this program again with `--foreground` in a new process group, relays its messages
+/// until it reports the mount live, then returns, leaving it in the background.
+fn mount_background() -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("cannot find own executable: {e}")),
+    };
+    let (reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot create pipe: {e}")),
+    };
+    let writer2 = match writer.try_clone() {
+        Ok(w) => w,
+        Err(e) => return fail(format!("cannot create pipe: {e}")),
+    };
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Insert --foreground right after the verb.
+    let verb_pos = args.iter().position(|a| a == "mount").unwrap_or(0);
+    args.insert(verb_pos + 1, "--foreground".into());
+    let child = Command::new(exe)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer2)
+        .process_group(0)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start the daemon: {e}")),
+    };
+    let reader = BufReader::new(reader);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if line == READY_LINE {
+            return ExitCode::SUCCESS;
+        }
+        eprintln!("{line}");
+    }
+    match child.wait() {
+        Ok(status) if status.success() => fail("the daemon exited before the mount was live"),
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => fail(format!("waiting for the daemon: {e}")),
+    }
+}
+
+use std::os::unix::process::CommandExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("2048k"), Ok(2 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("abc").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("4k").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

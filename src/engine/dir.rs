@@ -1,0 +1,348 @@
+//! Directories. A directory inode's block tree holds two things:
+//! - entry records, appended at `dir_entries_end` in `[0, DIR_ENTRIES_MAX)`; a record never
+//!   crosses a block boundary (a zero `rec_len` means "rest of the block unused"); a deleted
+//!   record keeps its place with `ino = 0`, so a record's offset is a stable readdir cookie;
+//! - a name index: an open-addressing hash table of u64 slots `(hash << 32) | (offset / 8 + 1)`
+//!   in one of two areas (`dir_hash_area_offset`). Empty slot = 0, deleted = `DIR_SLOT_DELETED`
+//!   in the low half. It is rebuilt into the other area when it fills up, so lookups stay O(1)
+//!   at any size without moving entry records.
+//!
+//! Callers hold the directory's inode write lock for changes, the read lock for lookups and
+//! iteration, and write the inode record back after a change.
+
+use zerocopy::{FromBytes, IntoBytes};
+
+use super::{Engine, block_off};
+use crate::error::{Error, Result};
+use crate::format::*;
+
+/// Index slots in a new index (one block).
+const MIN_INDEX_SLOTS: u64 = BLOCK_SIZE / 8;
+/// Largest offset the 32-bit entry reference in an index slot can name.
+const ENTRIES_LIMIT: u64 = (u32::MAX as u64 - 1) * 8;
+
+/// One live directory entry.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: u8,
+    /// Byte offset of the record (stable while the entry exists).
+    pub offset: u64,
+    /// Offset right after this record: where to resume iteration.
+    pub next: u64,
+}
+
+/// Where a name was found.
+pub struct Found {
+    pub ino: u64,
+    pub kind: u8,
+    pub offset: u64,
+    slot: u64,
+}
+
+impl Engine {
+    /// Borrows `len` bytes of a directory's tree at `off` (inside one block); `None` = hole.
+    fn dir_bytes(&self, dir: &Inode, off: u64, len: usize) -> Result<Option<&[u8]>> {
+        debug_assert!(off % BLOCK_SIZE + len as u64 <= BLOCK_SIZE);
+        match self.tree_lookup(dir.tree.get(), off / BLOCK_SIZE)? {
+            Some(b) => Ok(Some(self.img.bytes(block_off(b) + off % BLOCK_SIZE, len)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes inside one block of a directory's tree, allocating a zeroed block if needed.
+    fn dir_write(&self, dir: &mut Inode, off: u64, data: &[u8]) -> Result<()> {
+        let mut tree = dir.tree.get();
+        let mut blocks = dir.blocks.get();
+        let r = self.tree_ensure(&mut tree, off / BLOCK_SIZE, 1, &mut blocks);
+        dir.tree = tree.into();
+        dir.blocks = blocks.into();
+        let (run, fresh) = r?;
+        if fresh {
+            self.img.zero(block_off(run.start), BLOCK_SIZE as usize)?;
+        }
+        self.img
+            .write(block_off(run.start) + off % BLOCK_SIZE, data)?;
+        self.mark_meta(run.start);
+        Ok(())
+    }
+
+    fn index_slot_off(dir: &Inode, idx: u64) -> u64 {
+        dir_hash_area_offset(dir.dir_hash_area.get()) + idx * 8
+    }
+
+    fn load_index_slot(&self, dir: &Inode, idx: u64) -> Result<u64> {
+        match self.dir_bytes(dir, Self::index_slot_off(dir, idx), 8)? {
+            Some(b) => Ok(u64::from_le_bytes(
+                b.try_into().map_err(|_| Error::corrupt("slot"))?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    fn store_index_slot(&self, dir: &mut Inode, idx: u64, v: u64) -> Result<()> {
+        let off = Self::index_slot_off(dir, idx);
+        self.dir_write(dir, off, &v.to_le_bytes())
+    }
+
+    /// Reads and validates the entry record at `off`. `Ok(None)` = end of this block.
+    fn read_record(&self, dir: &Inode, off: u64) -> Result<Option<(DirentHeader, &[u8])>> {
+        let in_block = off % BLOCK_SIZE;
+        if in_block + DIRENT_HEADER_SIZE > BLOCK_SIZE {
+            return Ok(None);
+        }
+        let Some(hb) = self.dir_bytes(dir, off, DIRENT_HEADER_SIZE as usize)? else {
+            return Err(Error::corrupt(format!(
+                "directory entry block at {off} missing"
+            )));
+        };
+        let h = DirentHeader::read_from_bytes(hb).map_err(|_| Error::corrupt("dirent"))?;
+        let rec_len = u64::from(h.rec_len.get());
+        if rec_len == 0 {
+            return Ok(None);
+        }
+        let name_len = usize::from(h.name_len);
+        if rec_len % 8 != 0
+            || in_block + rec_len > BLOCK_SIZE
+            || rec_len < dirent_rec_len(name_len)
+            || name_len == 0
+        {
+            return Err(Error::corrupt(format!(
+                "directory entry at {off}: record length {rec_len}, name length {name_len}"
+            )));
+        }
+        let name = self
+            .dir_bytes(dir, off + DIRENT_HEADER_SIZE, name_len)?
+            .ok_or_else(|| Error::corrupt("directory entry name"))?;
+        Ok(Some((h, name)))
+    }
+
+    /// Finds `name` through the index.
+    pub(super) fn dir_find(&self, dir: &Inode, name: &[u8]) -> Result<Option<Found>> {
+        let cap = dir.dir_hash_cap.get();
+        if cap == 0 {
+            return Ok(None);
+        }
+        if !cap.is_power_of_two() {
+            return Err(Error::corrupt(format!("directory index size {cap}")));
+        }
+        let hash = name_hash(self.hash_seed, name);
+        let mut idx = u64::from(hash) & (cap - 1);
+        for _ in 0..cap {
+            let slot = self.load_index_slot(dir, idx)?;
+            if slot == 0 {
+                return Ok(None);
+            }
+            let reference = slot as u32;
+            if (slot >> 32) as u32 == hash && reference != DIR_SLOT_DELETED {
+                let off = (u64::from(reference) - 1) * 8;
+                if off >= dir.dir_entries_end.get() {
+                    return Err(Error::corrupt(format!(
+                        "directory index points past end: {off}"
+                    )));
+                }
+                if let Some((h, n)) = self.read_record(dir, off)? {
+                    if h.ino.get() != 0 && n == name {
+                        return Ok(Some(Found {
+                            ino: h.ino.get(),
+                            kind: h.kind,
+                            offset: off,
+                            slot: idx,
+                        }));
+                    }
+                }
+            }
+            idx = (idx + 1) & (cap - 1);
+        }
+        Ok(None)
+    }
+
+    pub fn dir_lookup(&self, dir: &Inode, name: &[u8]) -> Result<Option<(u64, u8)>> {
+        Ok(self.dir_find(dir, name)?.map(|f| (f.ino, f.kind)))
+    }
+
+    /// Appends an entry (the caller checked that `name` is absent).
+    pub fn dir_insert(&self, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<()> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        let used = dir.dir_hash_used.get();
+        let cap = dir.dir_hash_cap.get();
+        if (used + 1) * 4 > cap * 3 {
+            let live = dir.dir_live.get() + 1;
+            let mut new_cap = MIN_INDEX_SLOTS.max(cap);
+            while live * 2 > new_cap {
+                new_cap *= 2;
+            }
+            self.rebuild_index(dir, new_cap)?;
+        }
+        let rec_len = dirent_rec_len(name.len());
+        let mut off = dir.dir_entries_end.get();
+        if off % BLOCK_SIZE + rec_len > BLOCK_SIZE {
+            off = off.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        }
+        if off + rec_len > ENTRIES_LIMIT.min(DIR_ENTRIES_MAX) {
+            return Err(Error::NoSpace);
+        }
+        let hash = name_hash(self.hash_seed, name);
+        let mut rec = vec![0u8; rec_len as usize];
+        let header = DirentHeader {
+            ino: ino.into(),
+            hash: hash.into(),
+            rec_len: (rec_len as u16).into(),
+            name_len: name.len() as u8,
+            kind,
+        };
+        rec[..DIRENT_HEADER_SIZE as usize].copy_from_slice(header.as_bytes());
+        rec[DIRENT_HEADER_SIZE as usize..][..name.len()].copy_from_slice(name);
+        self.dir_write(dir, off, &rec)?;
+        dir.dir_entries_end = (off + rec_len).into();
+        self.index_put(dir, hash, off)?;
+        dir.dir_live = (dir.dir_live.get() + 1).into();
+        Ok(())
+    }
+
+    fn index_put(&self, dir: &mut Inode, hash: u32, off: u64) -> Result<()> {
+        let cap = dir.dir_hash_cap.get();
+        let mut idx = u64::from(hash) & (cap - 1);
+        for _ in 0..cap {
+            let slot = self.load_index_slot(dir, idx)?;
+            if slot == 0 || slot as u32 == DIR_SLOT_DELETED {
+                if slot == 0 {
+                    dir.dir_hash_used = (dir.dir_hash_used.get() + 1).into();
+                }
+                let v = (u64::from(hash) << 32) | (off / 8 + 1);
+                return self.store_index_slot(dir, idx, v);
+            }
+            idx = (idx + 1) & (cap - 1);
+        }
+        Err(Error::corrupt("directory index full"))
+    }
+
+    /// Rebuilds the index with `new_cap` slots in the other area, dropping deleted slots.
+    fn rebuild_index(&self, dir: &mut Inode, new_cap: u64) -> Result<()> {
+        let old_area = dir.dir_hash_area.get();
+        let new_area = 1 - old_area.min(1);
+        let mut entries = Vec::new();
+        self.dir_for_each(dir, 0, &mut |e| {
+            entries.push((name_hash(self.hash_seed, &e.name), e.offset));
+            Ok(true)
+        })?;
+        // Clear whatever the target area held, then fill it.
+        self.free_index_area(dir, new_area)?;
+        dir.dir_hash_area = new_area.into();
+        dir.dir_hash_cap = new_cap.into();
+        dir.dir_hash_used = 0.into();
+        for (hash, off) in entries {
+            self.index_put(dir, hash, off)?;
+        }
+        self.free_index_area(dir, old_area)
+    }
+
+    fn free_index_area(&self, dir: &mut Inode, area: u32) -> Result<()> {
+        let start = dir_hash_area_offset(area) / BLOCK_SIZE;
+        let end = start + (1u64 << 40) / BLOCK_SIZE;
+        self.punch_blocks(dir, start, end)
+    }
+
+    /// Removes the entry `name`; returns what it pointed at.
+    pub fn dir_remove(&self, dir: &mut Inode, name: &[u8]) -> Result<(u64, u8)> {
+        let f = self.dir_find(dir, name)?.ok_or(Error::NotFound)?;
+        let (h, _) = self
+            .read_record(dir, f.offset)?
+            .ok_or_else(|| Error::corrupt("entry vanished"))?;
+        let slot = self.load_index_slot(dir, f.slot)?;
+        self.store_index_slot(
+            dir,
+            f.slot,
+            (slot & !0xffff_ffff) | u64::from(DIR_SLOT_DELETED),
+        )?;
+        self.dir_write(dir, f.offset, &0u64.to_le_bytes())?;
+        dir.dir_live = dir.dir_live.get().saturating_sub(1).into();
+        dir.dir_tomb_bytes = (dir.dir_tomb_bytes.get() + u64::from(h.rec_len.get())).into();
+        if dir.dir_live.get() == 0 {
+            // Empty: give every block back; cookies of open streams point past the (new) end.
+            self.punch_blocks(dir, 0, u64::MAX)?;
+            dir.dir_entries_end = 0.into();
+            dir.dir_tomb_bytes = 0.into();
+            dir.dir_hash_cap = 0.into();
+            dir.dir_hash_used = 0.into();
+        }
+        Ok((f.ino, f.kind))
+    }
+
+    /// Points the existing entry `name` at another inode (rename over an existing target).
+    pub fn dir_replace(&self, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<u64> {
+        let f = self.dir_find(dir, name)?.ok_or(Error::NotFound)?;
+        self.dir_write(dir, f.offset, &ino.to_le_bytes())?;
+        let kind_off = f.offset + 15;
+        self.dir_write(dir, kind_off, &[kind])?;
+        Ok(f.ino)
+    }
+
+    /// Calls `f` for each live entry from byte offset `from`, until it returns `false`.
+    pub fn dir_for_each(
+        &self,
+        dir: &Inode,
+        from: u64,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
+        let end = dir.dir_entries_end.get();
+        let mut off = from;
+        while off < end {
+            match self.read_record(dir, off)? {
+                None => off = (off / BLOCK_SIZE + 1) * BLOCK_SIZE,
+                Some((h, name)) => {
+                    let next = off + u64::from(h.rec_len.get());
+                    if h.ino.get() != 0 {
+                        let e = DirEntry {
+                            name: name.to_vec(),
+                            ino: h.ino.get(),
+                            kind: h.kind,
+                            offset: off,
+                            next,
+                        };
+                        if !f(e)? {
+                            return Ok(());
+                        }
+                    }
+                    off = next;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `dir` an empty directory whose parent is `parent`.
+    pub fn dir_init(&self, dir: &mut Inode, parent: u64) {
+        dir.parent = parent.into();
+        dir.dir_entries_end = 0.into();
+        dir.dir_live = 0.into();
+        dir.dir_tomb_bytes = 0.into();
+        dir.dir_hash_cap = 0.into();
+        dir.dir_hash_used = 0.into();
+        dir.dir_hash_area = 0.into();
+    }
+
+    /// Rebuilds a directory's index from its entry records (recovery).
+    pub(super) fn dir_reindex(&self, dir: &mut Inode) -> Result<()> {
+        let mut live = 0u64;
+        self.dir_for_each(dir, 0, &mut |_| {
+            live += 1;
+            Ok(true)
+        })?;
+        dir.dir_live = live.into();
+        if live == 0 {
+            self.punch_blocks(dir, 0, u64::MAX)?;
+            let parent = dir.parent.get();
+            self.dir_init(dir, parent);
+            return Ok(());
+        }
+        let mut cap = MIN_INDEX_SLOTS;
+        while live * 2 > cap {
+            cap *= 2;
+        }
+        self.rebuild_index(dir, cap)
+    }
+}

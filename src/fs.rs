@@ -1,0 +1,1126 @@
+//! The filesystem core: POSIX semantics (lookup, create, read, write, rename, link, truncate,
+//! fallocate, xattr, ...) on top of the engine. It returns its own small types ([`Attr`],
+//! [`Entry`]) and [`Error`]; the FUSE adapter only translates. Everything here is testable
+//! without a mount.
+//!
+//! Lifetimes: an inode whose link count reaches 0 is freed when the kernel forgets its last
+//! reference (open files keep a reference); until then it sits on the image's orphan list.
+//! Locks: see `engine` (no stripe is taken while another is held, except through `lock_many`).
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+
+use crate::engine::{DataRun, DirEntry, Engine, MAX_FILE_SIZE, NewInode, now};
+use crate::error::{Error, Result};
+use crate::format::*;
+
+pub use crate::engine::check;
+
+/// Who is asking (from the FUSE request header).
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// A timestamp: seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte units, as `st_blocks`.
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub btime: Time,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub generation: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// Changes requested by `setattr` (already permission-checked by the kernel).
+#[derive(Default, Clone, Copy, Debug)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Time>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// One directory entry handed to a readdir callback.
+pub struct ListEntry<'a> {
+    pub name: &'a [u8],
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Cookie to resume after this entry.
+    pub next: u64,
+    /// Present for readdirplus (and then the kernel holds a new reference).
+    pub attr: Option<&'a Attr>,
+}
+
+pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+pub const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// Readdir cookies: 1 = after ".", 2 = after "..", else entry offset + 3.
+const COOKIE_BASE: u64 = 3;
+/// Entries gathered per readdir batch (bounded heap per request).
+const READDIR_BATCH: usize = 256;
+
+pub struct Fs {
+    engine: Engine,
+    /// Kernel references per inode (lookups minus forgets); bounded by the kernel's inode cache.
+    lookups: Mutex<HashMap<u64, u64>>,
+    /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
+    rename_lock: Mutex<()>,
+}
+
+fn kind_of(mode: u32) -> FileKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        libc::S_IFCHR => FileKind::CharDev,
+        libc::S_IFBLK => FileKind::BlockDev,
+        _ => FileKind::File,
+    }
+}
+
+fn kind_of_dtype(t: u8) -> FileKind {
+    match t {
+        libc::DT_DIR => FileKind::Dir,
+        libc::DT_LNK => FileKind::Symlink,
+        libc::DT_FIFO => FileKind::Fifo,
+        libc::DT_SOCK => FileKind::Socket,
+        libc::DT_CHR => FileKind::CharDev,
+        libc::DT_BLK => FileKind::BlockDev,
+        _ => FileKind::File,
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(Error::NameTooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(Error::Invalid);
+    }
+    Ok(())
+}
+
+fn now_time() -> Time {
+    let (sec, nsec) = now();
+    Time { sec, nsec }
+}
+
+fn set_mtime_ctime(rec: &mut Inode, t: Time) {
+    rec.mtime_sec = t.sec.into();
+    rec.mtime_nsec = t.nsec.into();
+    rec.ctime_sec = t.sec.into();
+    rec.ctime_nsec = t.nsec.into();
+}
+
+fn set_ctime(rec: &mut Inode, t: Time) {
+    rec.ctime_sec = t.sec.into();
+    rec.ctime_nsec = t.nsec.into();
+}
+
+pub fn attr_of(ino: u64, rec: &Inode) -> Attr {
+    let t = |s: i64, n: u32| Time { sec: s, nsec: n };
+    Attr {
+        ino,
+        size: rec.size.get(),
+        blocks: rec.blocks.get() * (BLOCK_SIZE / 512),
+        atime: t(rec.atime_sec.get(), rec.atime_nsec.get()),
+        mtime: t(rec.mtime_sec.get(), rec.mtime_nsec.get()),
+        ctime: t(rec.ctime_sec.get(), rec.ctime_nsec.get()),
+        btime: t(rec.btime_sec.get(), rec.btime_nsec.get()),
+        kind: kind_of(rec.mode.get()),
+        perm: (rec.mode.get() & 0o7777) as u16,
+        nlink: rec.nlink.get(),
+        uid: rec.uid.get(),
+        gid: rec.gid.get(),
+        rdev: rec.rdev.get(),
+        generation: u64::from(rec.generation.get()),
+    }
+}
+
+impl Fs {
+    pub fn new(engine: Engine) -> Fs {
+        Fs {
+            engine,
+            lookups: Mutex::new(HashMap::new()),
+            rename_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Flushes everything and marks the image clean; called at unmount.
+    pub fn shutdown(&self) -> Result<()> {
+        self.engine.close_clean()
+    }
+
+    fn read_dir(&self, ino: u64) -> Result<Inode> {
+        let rec = self.engine.read_inode(ino)?;
+        if !rec.is_dir() {
+            return Err(Error::NotDir);
+        }
+        Ok(rec)
+    }
+
+    fn add_lookup(&self, ino: u64) {
+        *self.lookups.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    fn is_referenced(&self, ino: u64) -> bool {
+        self.lookups.lock().get(&ino).is_some_and(|&n| n > 0)
+    }
+
+    /// The kernel dropped `n` references to `ino`; frees it if it was unlinked.
+    pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
+        {
+            let mut l = self.lookups.lock();
+            match l.get_mut(&ino) {
+                Some(c) if *c > n => {
+                    *c -= n;
+                    return Ok(());
+                }
+                Some(_) => {
+                    l.remove(&ino);
+                }
+                None => return Ok(()),
+            }
+        }
+        let _g = self.engine.lock_write(ino);
+        if self.is_referenced(ino) {
+            return Ok(());
+        }
+        let mut rec = match self.engine.read_inode(ino) {
+            Ok(r) => r,
+            Err(Error::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if rec.nlink.get() == 0 {
+            self.engine.remove_orphan(ino, &rec)?;
+            self.engine.free_inode(ino, &mut rec)?;
+        }
+        Ok(())
+    }
+
+    /// Drops one link from `rec` (already locked); frees or orphans it at zero.
+    fn drop_link(&self, ino: u64, rec: &mut Inode, t: Time) -> Result<()> {
+        let links = rec.nlink.get().saturating_sub(1);
+        rec.nlink = links.into();
+        set_ctime(rec, t);
+        if links == 0 && rec.is_dir() {
+            rec.nlink = 0.into();
+        }
+        if rec.nlink.get() == 0 {
+            if self.is_referenced(ino) {
+                self.engine.add_orphan(ino, rec)?;
+            } else {
+                return self.engine.free_inode(ino, rec);
+            }
+        }
+        self.engine.write_inode(ino, rec)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        let ino = {
+            let _g = self.engine.lock_read(parent);
+            let dir = self.read_dir(parent)?;
+            let ino = match name {
+                b"." => parent,
+                b".." => dir.parent.get(),
+                _ => {
+                    self.engine
+                        .dir_lookup(&dir, name)?
+                        .ok_or(Error::NotFound)?
+                        .0
+                }
+            };
+            // Counted while the entry is locked, so the inode cannot be freed before we reply.
+            self.add_lookup(ino);
+            ino
+        };
+        match self.getattr(ino) {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                self.forget(ino, 1)?;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let _g = self.engine.lock_read(ino);
+        Ok(attr_of(ino, &self.engine.read_inode(ino)?))
+    }
+
+    pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        let t = now_time();
+        let mut changed = false;
+        if let Some(size) = s.size {
+            if rec.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if rec.file_type() != libc::S_IFREG {
+                return Err(Error::Invalid);
+            }
+            self.truncate(ino, &mut rec, size)?;
+            set_mtime_ctime(&mut rec, t);
+            changed = true;
+        }
+        if let Some(mode) = s.mode {
+            rec.mode = ((rec.mode.get() & libc::S_IFMT) | (mode & 0o7777)).into();
+            changed = true;
+        }
+        if let Some(uid) = s.uid {
+            rec.uid = uid.into();
+            changed = true;
+        }
+        if let Some(gid) = s.gid {
+            rec.gid = gid.into();
+            changed = true;
+        }
+        let resolve = |st: SetTime| match st {
+            SetTime::Now => t,
+            SetTime::At(x) => x,
+        };
+        if let Some(a) = s.atime {
+            let a = resolve(a);
+            rec.atime_sec = a.sec.into();
+            rec.atime_nsec = a.nsec.into();
+            changed = true;
+        }
+        if let Some(m) = s.mtime {
+            let m = resolve(m);
+            rec.mtime_sec = m.sec.into();
+            rec.mtime_nsec = m.nsec.into();
+            changed = true;
+        }
+        if changed {
+            set_ctime(&mut rec, s.ctime.unwrap_or(t));
+        } else if let Some(c) = s.ctime {
+            set_ctime(&mut rec, c);
+        }
+        self.engine.write_inode(ino, &mut rec)?;
+        Ok(attr_of(ino, &rec))
+    }
+
+    /// Changes the size of a locked regular file: frees whole blocks past the end and zeroes
+    /// the tail of the last block, so bytes past EOF always read as zero.
+    fn truncate(&self, ino: u64, rec: &mut Inode, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Error::TooBig);
+        }
+        let old = rec.size.get();
+        if size < old {
+            let keep_blocks = size.div_ceil(BLOCK_SIZE);
+            self.engine.punch_blocks(rec, keep_blocks, u64::MAX)?;
+            if size % BLOCK_SIZE != 0 {
+                self.engine
+                    .zero_range(ino, rec, size, BLOCK_SIZE - size % BLOCK_SIZE)?;
+            }
+        }
+        rec.size = size.into();
+        Ok(())
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        if rec.file_type() != libc::S_IFLNK {
+            return Err(Error::Invalid);
+        }
+        let size = rec.size.get();
+        if size > SYMLINK_MAX as u64 {
+            return Err(Error::corrupt(format!("symlink {ino} of size {size}")));
+        }
+        self.read_into_vec(&rec, 0, size)
+    }
+
+    fn read_into_vec(&self, rec: &Inode, off: u64, len: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len as usize);
+        let mut pos = off;
+        while pos < off + len {
+            match self.engine.data_run(rec, pos, off + len - pos)? {
+                DataRun::Mapped(b) => {
+                    out.extend_from_slice(b);
+                    pos += b.len() as u64;
+                }
+                DataRun::Hole(n) => {
+                    out.resize(out.len() + n as usize, 0);
+                    pos += n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a node of any type under `parent` (the shared part of create, mknod, mkdir,
+    /// symlink). `init` fills in type-specific content before the entry becomes visible.
+    fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        ctx: Ctx,
+        init: &dyn Fn(u64, &mut Inode) -> Result<()>,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        let _g = self.engine.lock_write(parent);
+        let mut dir = self.read_dir(parent)?;
+        if dir.nlink.get() == 0 {
+            return Err(Error::NotFound);
+        }
+        if self.engine.dir_lookup(&dir, name)?.is_some() {
+            return Err(Error::Exists);
+        }
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && dir.nlink.get() >= u32::MAX - 1 {
+            return Err(Error::TooManyLinks);
+        }
+        // BSD group semantics for setgid directories, as tmpfs/ext4 do.
+        let parent_sgid = dir.mode.get() & libc::S_ISGID != 0;
+        let gid = if parent_sgid { dir.gid.get() } else { ctx.gid };
+        let mode = if parent_sgid && is_dir {
+            mode | libc::S_ISGID
+        } else {
+            mode
+        };
+        let (ino, mut rec) = self.engine.alloc_inode(&NewInode {
+            mode,
+            uid: ctx.uid,
+            gid,
+            rdev,
+        })?;
+        let result = (|| {
+            init(ino, &mut rec)?;
+            self.engine.write_inode(ino, &mut rec)?;
+            self.engine
+                .dir_insert(&mut dir, name, ino, dtype_of_mode(mode))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.engine.free_inode(ino, &mut rec)?;
+            self.engine.write_inode(parent, &mut dir)?;
+            return Err(e);
+        }
+        let t = Time {
+            sec: rec.ctime_sec.get(),
+            nsec: rec.ctime_nsec.get(),
+        };
+        set_mtime_ctime(&mut dir, t);
+        if is_dir {
+            dir.nlink = (dir.nlink.get() + 1).into();
+        }
+        self.engine.write_inode(parent, &mut dir)?;
+        self.add_lookup(ino);
+        Ok(attr_of(ino, &rec))
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u32, ctx: Ctx) -> Result<Attr> {
+        let t = mode & libc::S_IFMT;
+        let mode = if t == 0 { mode | libc::S_IFREG } else { mode };
+        match mode & libc::S_IFMT {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {}
+            _ => return Err(Error::Invalid),
+        }
+        self.make_node(parent, name, mode, rdev, ctx, &|_, _| Ok(()))
+    }
+
+    pub fn create(&self, parent: u64, name: &[u8], mode: u32, ctx: Ctx) -> Result<Attr> {
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        self.make_node(parent, name, mode, 0, ctx, &|_, _| Ok(()))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, ctx: Ctx) -> Result<Attr> {
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        self.make_node(parent, name, mode, 0, ctx, &|_, rec| {
+            self.engine.dir_init(rec, parent);
+            rec.nlink = 2.into();
+            Ok(())
+        })
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], ctx: Ctx) -> Result<Attr> {
+        if target.len() > SYMLINK_MAX {
+            return Err(Error::NameTooLong);
+        }
+        if target.is_empty() {
+            return Err(Error::NotFound);
+        }
+        let mode = libc::S_IFLNK | 0o777;
+        self.make_node(parent, name, mode, 0, ctx, &|ino, rec| {
+            self.engine.write_data(ino, rec, 0, target)?;
+            rec.size = (target.len() as u64).into();
+            Ok(())
+        })
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        check_name(newname)?;
+        let _g = self.engine.lock_many(&[ino, newparent]);
+        let mut dir = self.read_dir(newparent)?;
+        let mut rec = self.engine.read_inode(ino)?;
+        if rec.is_dir() {
+            return Err(Error::NotPermitted);
+        }
+        if rec.nlink.get() == 0 || dir.nlink.get() == 0 {
+            return Err(Error::NotFound);
+        }
+        if rec.nlink.get() >= u32::MAX - 1 {
+            return Err(Error::TooManyLinks);
+        }
+        if self.engine.dir_lookup(&dir, newname)?.is_some() {
+            return Err(Error::Exists);
+        }
+        self.engine
+            .dir_insert(&mut dir, newname, ino, dtype_of_mode(rec.mode.get()))?;
+        let t = now_time();
+        rec.nlink = (rec.nlink.get() + 1).into();
+        set_ctime(&mut rec, t);
+        set_mtime_ctime(&mut dir, t);
+        self.engine.write_inode(ino, &mut rec)?;
+        self.engine.write_inode(newparent, &mut dir)?;
+        self.add_lookup(ino);
+        Ok(attr_of(ino, &rec))
+    }
+
+    /// Finds `name` in `parent` and locks both; retries if the entry changed in between.
+    fn locked_child(&self, parent: u64, name: &[u8]) -> Result<(crate::engine::Locked<'_>, u64)> {
+        loop {
+            let child = {
+                let _g = self.engine.lock_read(parent);
+                let dir = self.read_dir(parent)?;
+                self.engine
+                    .dir_lookup(&dir, name)?
+                    .ok_or(Error::NotFound)?
+                    .0
+            };
+            let g = self.engine.lock_many(&[parent, child]);
+            let dir = self.read_dir(parent)?;
+            if self.engine.dir_lookup(&dir, name)?.map(|(i, _)| i) == Some(child) {
+                return Ok((g, child));
+            }
+        }
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        let (_g, child) = self.locked_child(parent, name)?;
+        let mut dir = self.read_dir(parent)?;
+        let mut rec = self.engine.read_inode(child)?;
+        if rec.is_dir() {
+            return Err(Error::IsDir);
+        }
+        self.engine.dir_remove(&mut dir, name)?;
+        let t = now_time();
+        set_mtime_ctime(&mut dir, t);
+        self.engine.write_inode(parent, &mut dir)?;
+        self.drop_link(child, &mut rec, t)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        if name == b"." {
+            return Err(Error::Invalid);
+        }
+        if name == b".." {
+            return Err(Error::NotEmpty);
+        }
+        let (_g, child) = self.locked_child(parent, name)?;
+        let mut dir = self.read_dir(parent)?;
+        let mut rec = self.engine.read_inode(child)?;
+        if !rec.is_dir() {
+            return Err(Error::NotDir);
+        }
+        if rec.dir_live.get() > 0 {
+            return Err(Error::NotEmpty);
+        }
+        self.engine.dir_remove(&mut dir, name)?;
+        let t = now_time();
+        set_mtime_ctime(&mut dir, t);
+        dir.nlink = dir.nlink.get().saturating_sub(1).into();
+        self.engine.write_inode(parent, &mut dir)?;
+        rec.nlink = 1.into();
+        self.drop_link(child, &mut rec, t)
+    }
+
+    /// True if directory `dir` is `ancestor` or lies below it.
+    fn is_within(&self, dir: u64, ancestor: u64) -> Result<bool> {
+        let mut cur = dir;
+        for _ in 0..=self.engine.superblock().used_inodes.get() {
+            if cur == ancestor {
+                return Ok(true);
+            }
+            if cur == ROOT_INO {
+                return Ok(false);
+            }
+            let _g = self.engine.lock_read(cur);
+            cur = self.engine.read_inode(cur)?.parent.get();
+        }
+        Err(Error::corrupt("directory parent chain loops"))
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> Result<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        if flags.exchange && flags.noreplace {
+            return Err(Error::Invalid);
+        }
+        let _r = self.rename_lock.lock();
+        let find = |p: u64, n: &[u8]| -> Result<Option<(u64, u8)>> {
+            let _g = self.engine.lock_read(p);
+            let d = self.read_dir(p)?;
+            self.engine.dir_lookup(&d, n)
+        };
+        let (src, src_kind) = find(parent, name)?.ok_or(Error::NotFound)?;
+        let dst = find(newparent, newname)?;
+        if flags.exchange && dst.is_none() {
+            return Err(Error::NotFound);
+        }
+        if flags.noreplace && dst.is_some() {
+            return Err(Error::Exists);
+        }
+        if dst.map(|d| d.0) == Some(src) {
+            return Ok(()); // Same inode: POSIX says do nothing.
+        }
+        let src_is_dir = src_kind == libc::DT_DIR;
+        let dst_is_dir = dst.is_some_and(|d| d.1 == libc::DT_DIR);
+        // A directory must not move below itself (checked while renames are excluded).
+        if src_is_dir && parent != newparent && self.is_within(newparent, src)? {
+            return Err(Error::Invalid);
+        }
+        if flags.exchange
+            && dst_is_dir
+            && parent != newparent
+            && self.is_within(parent, dst.map(|d| d.0).unwrap_or(0))?
+        {
+            return Err(Error::Invalid);
+        }
+        let mut inos = vec![parent, newparent, src];
+        if let Some((d, _)) = dst {
+            inos.push(d);
+        }
+        let _g = self.engine.lock_many(&inos);
+        // Entries can have changed between lookup and lock only through unlink/create (renames
+        // are excluded): re-verify.
+        let mut pdir = self.read_dir(parent)?;
+        if self.engine.dir_lookup(&pdir, name)?.map(|x| x.0) != Some(src) {
+            return Err(Error::NotFound);
+        }
+        let mut src_rec = self.engine.read_inode(src)?;
+        let same_dir = parent == newparent;
+        let mut ndir = if same_dir {
+            None
+        } else {
+            Some(self.read_dir(newparent)?)
+        };
+        let cur_dst = {
+            let d = ndir.as_ref().unwrap_or(&pdir);
+            self.engine.dir_lookup(d, newname)?
+        };
+        if cur_dst.map(|x| x.0) != dst.map(|x| x.0) {
+            return Err(Error::Exists); // Raced with create/unlink: let the caller retry.
+        }
+        let t = now_time();
+        let mut dst_rec = match dst {
+            Some((d, _)) => Some(self.engine.read_inode(d)?),
+            None => None,
+        };
+        if let (Some(dr), false) = (&dst_rec, flags.exchange) {
+            if dr.is_dir() && !src_is_dir {
+                return Err(Error::IsDir);
+            }
+            if !dr.is_dir() && src_is_dir {
+                return Err(Error::NotDir);
+            }
+            if dr.is_dir() && dr.dir_live.get() > 0 {
+                return Err(Error::NotEmpty);
+            }
+        }
+        let src_dtype = dtype_of_mode(src_rec.mode.get());
+        if flags.exchange {
+            let (d, _) = dst.ok_or(Error::NotFound)?;
+            let dr = dst_rec.as_mut().ok_or(Error::NotFound)?;
+            let dst_dtype = dtype_of_mode(dr.mode.get());
+            self.engine.dir_replace(&mut pdir, name, d, dst_dtype)?;
+            {
+                let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
+                self.engine
+                    .dir_replace(target_dir, newname, src, src_dtype)?;
+            }
+            if !same_dir {
+                if src_is_dir {
+                    src_rec.parent = newparent.into();
+                }
+                if dr.is_dir() {
+                    dr.parent = parent.into();
+                }
+                let nd = ndir.as_mut().ok_or(Error::Invalid)?;
+                let delta = i64::from(src_is_dir) - i64::from(dr.is_dir());
+                pdir.nlink = ((i64::from(pdir.nlink.get()) - delta) as u32).into();
+                nd.nlink = ((i64::from(nd.nlink.get()) + delta) as u32).into();
+            }
+            set_ctime(dr, t);
+            self.engine.write_inode(d, dr)?;
+        } else {
+            // Insert or replace at the destination first, then remove the source: a crash in
+            // between leaves an extra link that recovery counts, never a lost file.
+            {
+                let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
+                if dst.is_some() {
+                    self.engine
+                        .dir_replace(target_dir, newname, src, src_dtype)?;
+                } else {
+                    self.engine
+                        .dir_insert(target_dir, newname, src, src_dtype)?;
+                }
+            }
+            self.engine.dir_remove(&mut pdir, name)?;
+            if src_is_dir && !same_dir {
+                src_rec.parent = newparent.into();
+                pdir.nlink = pdir.nlink.get().saturating_sub(1).into();
+                if let Some(nd) = ndir.as_mut() {
+                    nd.nlink = (nd.nlink.get() + 1).into();
+                }
+            }
+            if let (Some((d, _)), Some(dr)) = (dst, dst_rec.as_mut()) {
+                if dr.is_dir() {
+                    // The replaced directory's link from its parent goes away.
+                    let nd = ndir.as_mut().unwrap_or(&mut pdir);
+                    nd.nlink = nd.nlink.get().saturating_sub(1).into();
+                    dr.nlink = 1.into();
+                }
+                self.drop_link(d, dr, t)?;
+            }
+        }
+        set_ctime(&mut src_rec, t);
+        self.engine.write_inode(src, &mut src_rec)?;
+        set_mtime_ctime(&mut pdir, t);
+        self.engine.write_inode(parent, &mut pdir)?;
+        if let Some(nd) = ndir.as_mut() {
+            set_mtime_ctime(nd, t);
+            self.engine.write_inode(newparent, nd)?;
+        }
+        Ok(())
+    }
+
+    /// Opens a file: validates it exists. Returns whether the kernel may keep its page cache
+    /// (always: every change goes through this mount).
+    pub fn open(&self, ino: u64) -> Result<Attr> {
+        self.getattr(ino)
+    }
+
+    /// Reads up to `size` bytes at `off`, handing `f` one slice: straight from the mapping when
+    /// the range is contiguous in the image, else assembled.
+    pub fn read<R>(&self, ino: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        if rec.is_dir() {
+            return Err(Error::IsDir);
+        }
+        let fsize = rec.size.get();
+        if off >= fsize {
+            return Ok(f(&[]));
+        }
+        let len = u64::from(size).min(fsize - off);
+        if let DataRun::Mapped(b) = self.engine.data_run(&rec, off, len)? {
+            if b.len() as u64 == len {
+                return Ok(f(b));
+            }
+        }
+        let buf = self.read_into_vec(&rec, off, len)?;
+        Ok(f(&buf))
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        if rec.is_dir() {
+            return Err(Error::IsDir);
+        }
+        let end = off.checked_add(data.len() as u64).ok_or(Error::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Error::TooBig);
+        }
+        let r = self.engine.write_data(ino, &mut rec, off, data);
+        if r.is_ok() && end > rec.size.get() {
+            rec.size = end.into();
+        }
+        set_mtime_ctime(&mut rec, now_time());
+        self.engine.write_inode(ino, &mut rec)?;
+        r.map(|_| data.len() as u32)
+    }
+
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        self.engine.sync_inode(ino)
+    }
+
+    /// Lists a directory from cookie `offset`. `emit` returns false when the reply is full.
+    /// With `plus`, each emitted entry (except `.` and `..`) carries attributes and counts as a
+    /// kernel reference.
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        plus: bool,
+        emit: &mut dyn FnMut(ListEntry<'_>) -> bool,
+    ) -> Result<()> {
+        let (parent, self_attr, parent_attr) = {
+            let _g = self.engine.lock_read(ino);
+            let d = self.read_dir(ino)?;
+            (d.parent.get(), attr_of(ino, &d), None::<Attr>)
+        };
+        let _ = parent_attr;
+        if offset == 0 {
+            let e = ListEntry {
+                name: b".",
+                ino,
+                kind: FileKind::Dir,
+                next: 1,
+                attr: plus.then_some(&self_attr),
+            };
+            if !emit(e) {
+                return Ok(());
+            }
+        }
+        if offset <= 1 {
+            let pattr = if plus {
+                Some(self.getattr(parent)?)
+            } else {
+                None
+            };
+            let e = ListEntry {
+                name: b"..",
+                ino: parent,
+                kind: FileKind::Dir,
+                next: 2,
+                attr: pattr.as_ref(),
+            };
+            if !emit(e) {
+                return Ok(());
+            }
+        }
+        let mut pos = offset.max(COOKIE_BASE) - COOKIE_BASE;
+        loop {
+            let mut batch: Vec<DirEntry> = Vec::new();
+            {
+                let _g = self.engine.lock_read(ino);
+                let d = self.read_dir(ino)?;
+                self.engine.dir_for_each(&d, pos, &mut |e| {
+                    batch.push(e);
+                    Ok(batch.len() < READDIR_BATCH)
+                })?;
+                if plus {
+                    for e in &batch {
+                        self.add_lookup(e.ino);
+                    }
+                }
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut iter = batch.into_iter();
+            while let Some(e) = iter.next() {
+                pos = e.next;
+                let attr = if plus {
+                    match self.getattr(e.ino) {
+                        Ok(a) => Some(a),
+                        Err(_) => {
+                            self.forget(e.ino, 1)?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let le = ListEntry {
+                    name: &e.name,
+                    ino: e.ino,
+                    kind: kind_of_dtype(e.kind),
+                    next: e.next + COOKIE_BASE,
+                    attr: attr.as_ref(),
+                };
+                if !emit(le) {
+                    if plus {
+                        self.forget(e.ino, 1)?;
+                        for rest in iter {
+                            self.forget(rest.ino, 1)?;
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn statfs(&self) -> Statfs {
+        let sb = self.engine.superblock();
+        let total = self.engine.total_blocks();
+        let free = sb.free_blocks.get();
+        let used = sb.used_inodes.get();
+        let files = used + free * INODES_PER_BLOCK;
+        Statfs {
+            blocks: total,
+            bfree: free,
+            files,
+            ffree: files - used,
+            bsize: BLOCK_SIZE as u32,
+            namelen: NAME_MAX as u32,
+        }
+    }
+
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let known = FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(Error::NotSupported);
+        }
+        if len == 0 {
+            return Err(Error::Invalid);
+        }
+        let end = off.checked_add(len).ok_or(Error::TooBig)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Error::TooBig);
+        }
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        if rec.is_dir() {
+            return Err(Error::IsDir);
+        }
+        if rec.file_type() != libc::S_IFREG {
+            return Err(Error::NoData);
+        }
+        let punch = mode & FALLOC_PUNCH_HOLE != 0;
+        if punch && mode & FALLOC_KEEP_SIZE == 0 {
+            return Err(Error::NotSupported);
+        }
+        if punch || mode & FALLOC_ZERO_RANGE != 0 {
+            let first_full = off.div_ceil(BLOCK_SIZE);
+            let end_full = end / BLOCK_SIZE;
+            if first_full < end_full {
+                self.engine.punch_blocks(&mut rec, first_full, end_full)?;
+                let head = first_full * BLOCK_SIZE - off;
+                self.engine.zero_range(ino, &rec, off, head)?;
+                self.engine.zero_range(
+                    ino,
+                    &rec,
+                    end_full * BLOCK_SIZE,
+                    end - end_full * BLOCK_SIZE,
+                )?;
+            } else {
+                self.engine.zero_range(ino, &rec, off, len)?;
+            }
+        }
+        if !punch {
+            self.engine.allocate_range(ino, &mut rec, off, len)?;
+            if mode & FALLOC_KEEP_SIZE == 0 && end > rec.size.get() {
+                rec.size = end.into();
+            }
+        }
+        let t = now_time();
+        if mode & FALLOC_KEEP_SIZE == 0 || punch {
+            set_mtime_ctime(&mut rec, t);
+        }
+        self.engine.write_inode(ino, &mut rec)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE.
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        let want_data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(Error::Invalid),
+        };
+        self.engine.seek(&rec, off, want_data)?.ok_or(Error::NoData)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        ino_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let _g = self.engine.lock_many(&[ino_in, ino_out]);
+        let src = self.engine.read_inode(ino_in)?;
+        let mut dst = self.engine.read_inode(ino_out)?;
+        if src.is_dir() || dst.is_dir() {
+            return Err(Error::IsDir);
+        }
+        let size = src.size.get();
+        if off_in >= size || len == 0 {
+            return Ok(0);
+        }
+        let len = len.min(size - off_in);
+        let end_out = off_out.checked_add(len).ok_or(Error::TooBig)?;
+        if end_out > MAX_FILE_SIZE {
+            return Err(Error::TooBig);
+        }
+        if ino_in == ino_out && off_in < end_out && off_out < off_in + len {
+            return Err(Error::Invalid);
+        }
+        let mut done = 0;
+        while done < len {
+            let run = if ino_in == ino_out {
+                self.engine.data_run(&dst, off_in + done, len - done)?
+            } else {
+                self.engine.data_run(&src, off_in + done, len - done)?
+            };
+            match run {
+                DataRun::Mapped(b) => {
+                    let n = b.len() as u64;
+                    // Copy through a bounce buffer only when source and destination are the same
+                    // inode (the tree may change under the borrowed slice).
+                    if ino_in == ino_out {
+                        let tmp = b.to_vec();
+                        self.engine
+                            .write_data(ino_out, &mut dst, off_out + done, &tmp)?;
+                    } else {
+                        self.engine
+                            .write_data(ino_out, &mut dst, off_out + done, b)?;
+                    }
+                    done += n;
+                }
+                DataRun::Hole(n) => {
+                    self.engine.zero_range(ino_out, &dst, off_out + done, n)?;
+                    done += n;
+                }
+            }
+        }
+        if end_out > dst.size.get() {
+            dst.size = end_out.into();
+        }
+        set_mtime_ctime(&mut dst, now_time());
+        self.engine.write_inode(ino_out, &mut dst)?;
+        Ok(len)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        check_xattr_name(name)?;
+        let mode = match flags {
+            0 => crate::engine::SetMode::Any,
+            libc::XATTR_CREATE => crate::engine::SetMode::Create,
+            libc::XATTR_REPLACE => crate::engine::SetMode::Replace,
+            _ => return Err(Error::Invalid),
+        };
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        self.engine.xattr_set(&mut rec, name, value, mode)?;
+        set_ctime(&mut rec, now_time());
+        self.engine.write_inode(ino, &mut rec)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        check_xattr_name(name)?;
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        self.engine.xattr_get(&rec, name)
+    }
+
+    /// Attribute names, each followed by a NUL, as listxattr returns them.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        let mut out = Vec::new();
+        for n in self.engine.xattr_list(&rec)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        check_xattr_name(name)?;
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        self.engine.xattr_remove(&mut rec, name)?;
+        set_ctime(&mut rec, now_time());
+        self.engine.write_inode(ino, &mut rec)
+    }
+}
+
+/// Supported namespaces: user, trusted, security. POSIX ACLs (system.*) are not supported.
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.len() > 255 {
+        return Err(Error::Range);
+    }
+    let ok = [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|p| name.len() > p.len() && name.starts_with(p));
+    if ok { Ok(()) } else { Err(Error::NotSupported) }
+}
