@@ -153,7 +153,7 @@ def fmt(v, unit=""):
 def fmt_ratio(r):
     if r is None:
         return "—"
-    return f"{r:.2f}" if r >= 0.1 else f"{r:.3f}"
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
 
 
 def main():
