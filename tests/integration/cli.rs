@@ -1,0 +1,305 @@
+//! The command line: every failure is one line on stderr, a non-zero exit, no panic, and leaves
+//! the image untouched; fsck, info and signals behave.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Asserts a failed run: non-zero exit, exactly one line on stderr, no panic text.
+fn assert_clean_failure(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let all = format!("{stderr}{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!out.status.success(), "{what}: succeeded: {}", describe(out));
+    assert!(out.status.code().is_some(), "{what}: killed by a signal: {}", describe(out));
+    assert!(
+        !all.contains("panicked") && !all.contains("RUST_BACKTRACE"),
+        "{what}: panic: {}",
+        describe(out)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == 1 && !lines[0].trim().is_empty(),
+        "{what}: expected exactly one line on stderr, got {}:\n{stderr}",
+        lines.len()
+    );
+    stderr
+}
+
+fn mkfs(image: &Path, size: &str) {
+    let out = run(Command::new(BIN).arg("mkfs").arg(image).args(["--size", size]));
+    assert!(out.status.success(), "mkfs: {}", describe(&out));
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("mmapfs-cli-")
+        .tempdir()
+        .unwrap()
+}
+
+#[test]
+fn mkfs_refuses_existing_file_without_force() {
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    let original = Rng::new(5).bytes(3 << 20);
+    fs::write(&img, &original).unwrap();
+    let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", "16M"]));
+    assert_clean_failure(&out, "mkfs over a file");
+    assert!(fs::read(&img).unwrap() == original, "mkfs touched the file");
+    let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", "16M", "--force"]));
+    assert!(out.status.success(), "mkfs --force: {}", describe(&out));
+    assert_eq!(fs::metadata(&img).unwrap().len(), 16 << 20);
+    fsck(&img);
+    // An empty file is fine without --force.
+    let empty = dir.path().join("empty");
+    fs::write(&empty, b"").unwrap();
+    mkfs(&empty, "2M");
+    fsck(&empty);
+}
+
+#[test]
+fn mkfs_rejects_malformed_sizes() {
+    let dir = tempdir();
+    for size in ["12Q", "abc", "", "-5M", "16MM", "1k", "99999999999T"] {
+        let img = dir.path().join("img");
+        let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", size]));
+        assert_clean_failure(&out, &format!("mkfs --size {size:?}"));
+        assert!(!img.exists() || fs::metadata(&img).unwrap().len() == 0);
+    }
+}
+
+/// Runs `mmapfs mount IMAGE MNT` (background mode), with a timeout; if it unexpectedly mounts,
+/// unmounts again so nothing is left behind.
+fn try_mount(image: &Path, mnt: &Path, extra: &[&str]) -> Output {
+    let dir = tempdir();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(BIN)
+        .arg("mount")
+        .args(extra)
+        .arg(image)
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&o).unwrap())
+        .stderr(fs::File::create(&e).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: fs::read(&o).unwrap(),
+        stderr: fs::read(&e).unwrap(),
+    }
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    mnt: PathBuf,
+}
+
+fn case() -> Case {
+    let dir = tempdir();
+    let image = dir.path().join("image");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    mkfs(&image, "16M");
+    Case { dir, image, mnt }
+}
+
+/// Mounting must fail cleanly with a message containing `expect`, image unchanged.
+fn refused(image: &Path, mnt: &Path, expect: &str, what: &str) {
+    let before = fs::read(image).ok();
+    let out = try_mount(image, mnt, &[]);
+    let stderr = assert_clean_failure(&out, what);
+    assert!(
+        stderr.to_lowercase().contains(&expect.to_lowercase()),
+        "{what}: expected {expect:?} in {stderr:?}"
+    );
+    assert!(fs::read(image).ok() == before, "{what}: the image changed");
+    if !is_mountpoint(mnt) {
+        return;
+    }
+    panic!("{what}: a mount was left on {}", mnt.display());
+}
+
+#[test]
+fn mount_refuses_bad_images() {
+    // Missing image.
+    let c = case();
+    refused(&c.dir.path().join("missing"), &c.mnt, "missing", "missing image");
+    // Not an mmapfs image.
+    let junk = c.dir.path().join("junk");
+    fs::write(&junk, Rng::new(9).bytes(1 << 20)).unwrap();
+    refused(&junk, &c.mnt, "not an mmapfs image", "random bytes");
+    let tiny = c.dir.path().join("tiny");
+    fs::write(&tiny, b"MMAPFS").unwrap();
+    refused(&tiny, &c.mnt, "not an mmapfs image", "6-byte file");
+    // Bad version.
+    let mut bytes = fs::read(&c.image).unwrap();
+    bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let v = c.dir.path().join("version");
+    fs::write(&v, &bytes).unwrap();
+    refused(&v, &c.mnt, "version", "bad version");
+    // Truncated to half.
+    let t = c.dir.path().join("truncated");
+    fs::copy(&c.image, &t).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&t).unwrap();
+    f.set_len(8 << 20).unwrap();
+    drop(f);
+    refused(&t, &c.mnt, "truncated", "truncated image");
+    // A flipped byte in the superblock.
+    let mut rng = Rng::new(seed("mount_refuses_bad_images"));
+    for _ in 0..4 {
+        let mut bytes = fs::read(&c.image).unwrap();
+        let at = 16 + rng.below(250 - 16) as usize;
+        bytes[at] ^= 1 << rng.below(8);
+        let s = c.dir.path().join("flipped");
+        fs::write(&s, &bytes).unwrap();
+        refused(&s, &c.mnt, "checksum", &format!("superblock byte {at} flipped"));
+    }
+    // Missing mount point.
+    refused(&c.image, &c.dir.path().join("nomnt"), "nomnt", "missing mount point");
+    // A directory as image.
+    refused(c.dir.path(), &c.mnt, "", "directory as image");
+    // The good image still mounts after all that.
+    fsck(&c.image);
+}
+
+#[test]
+fn mount_refuses_busy_mountpoint_and_image_in_use() {
+    let m = Mount::new();
+    fs::write(m.p("keep"), b"keep").unwrap();
+    let other = case();
+    refused(&other.image, m.path(), "busy", "busy mount point");
+    let before = fs::read(m.image()).unwrap();
+    let out = try_mount(m.image(), &other.mnt, &[]);
+    let stderr = assert_clean_failure(&out, "image in use");
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert!(!is_mountpoint(&other.mnt));
+    assert!(fs::read(m.image()).unwrap() == before, "second mount changed the image");
+    // fsck and info refuse a mounted image too, without touching it.
+    let out = run(Command::new(BIN).arg("fsck").arg(m.image()));
+    assert_clean_failure(&out, "fsck of a mounted image");
+    assert_eq!(fs::read(m.p("keep")).unwrap(), b"keep");
+    fsck(&other.image);
+    m.finish();
+}
+
+#[test]
+fn background_mount_and_unmount() {
+    let c = case();
+    let out = try_mount(&c.image, &c.mnt, &["-o", "noatime"]);
+    assert!(out.status.success(), "background mount: {}", describe(&out));
+    assert!(is_mountpoint(&c.mnt), "mount returned but nothing is mounted");
+    fs::write(c.mnt.join("bg"), b"background").unwrap();
+    let out = run(Command::new("fusermount3").arg("-u").arg(&c.mnt));
+    assert!(out.status.success(), "{}", describe(&out));
+    // The daemon flushes and exits, releasing the image lock.
+    let start = Instant::now();
+    let text = loop {
+        let out = run(Command::new(BIN).arg("info").arg(&c.image));
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "daemon never released the image");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(text.contains("state:        clean"), "{text}");
+    fsck(&c.image);
+    let m = Mount::from_image(&c.image);
+    assert_eq!(fs::read(m.p("bg")).unwrap(), b"background");
+    m.finish();
+}
+
+#[test]
+fn fsck_reports_corruption_without_panicking() {
+    let mut m = Mount::new();
+    fs::write(m.p("victim-file-name"), pattern(1, 0, 10_000)).unwrap();
+    fs::create_dir(m.p("some-directory")).unwrap();
+    m.unmount();
+    let out = run(Command::new(BIN).arg("fsck").arg(m.image()));
+    assert!(out.status.success(), "{}", describe(&out));
+    let good = fs::read(m.image()).unwrap();
+
+    // The inode table starts at block 3; inode n is at n * 256. Inode 2 is the first file.
+    let bad_inode = |byte: usize| {
+        let mut b = good.clone();
+        b[3 * 4096 + 2 * 256 + byte] ^= 0x10;
+        b
+    };
+    // A directory entry: find the name in the root directory's entry block.
+    let name = b"victim-file-name";
+    let pos = good
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("directory entry not found in the image");
+    let mut dirent = good.clone();
+    dirent[pos - 16] ^= 0x3; // the entry's inode number
+    let mut dirname = good.clone();
+    dirname[pos + 3] ^= 0x20; // a byte of the name
+    for (what, bytes) in [
+        ("inode size", bad_inode(16)),
+        ("inode mode", bad_inode(1)),
+        ("inode tree", bad_inode(120)),
+        ("dirent inode", dirent),
+        ("dirent name", dirname),
+    ] {
+        fs::write(m.image(), &bytes).unwrap();
+        let out = run(Command::new(BIN).arg("fsck").arg(m.image()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "fsck missed a flipped {what}: {}", describe(&out));
+        assert!(out.status.code().is_some(), "fsck crashed on {what}: {}", describe(&out));
+        assert!(!text.contains("panicked"), "fsck panicked on {what}: {text}");
+        assert!(text.contains("problem"), "fsck on {what} lists no problem: {text}");
+        assert!(fs::read(m.image()).unwrap() == bytes, "fsck (report mode) changed the image");
+    }
+    fs::write(m.image(), &good).unwrap();
+    fsck(m.image());
+}
+
+#[test]
+fn info_and_sigterm() {
+    let mut m = Mount::new();
+    fs::write(m.p("data"), pattern(2, 0, 2 << 20)).unwrap();
+    let status = m.signal(libc::SIGTERM);
+    assert!(status.success(), "SIGTERM exit {status}; log:\n{}", m.log());
+    assert!(!is_mountpoint(m.path()), "still mounted after SIGTERM");
+    let text = info(m.image());
+    for key in ["capacity", "used", "free", "inodes", "state"] {
+        assert!(text.contains(&format!("{key}:")), "info lacks {key}:\n{text}");
+    }
+    assert!(text.contains("state:        clean"), "{text}");
+    assert_eq!(info_field(&text, "capacity"), fs::metadata(m.image()).unwrap().len() / 4096);
+    let used = info_field(&text, "used");
+    let free = info_field(&text, "free");
+    assert_eq!(used + free, info_field(&text, "capacity"));
+    assert!(used >= 512, "2 MiB written but used = {used}");
+    assert!(text.contains("inodes:       2 used"), "{text}");
+    fsck(m.image());
+    // After a kill -9 the state is dirty, and a mount recovers it.
+    m.mount();
+    assert_eq!(fs::read(m.p("data")).unwrap(), pattern(2, 0, 2 << 20));
+    m.kill9();
+    let text = info(m.image());
+    assert!(text.contains("dirty"), "{text}");
+    m.mount();
+    assert_eq!(fs::read(m.p("data")).unwrap(), pattern(2, 0, 2 << 20));
+    m.finish();
+}

@@ -1,0 +1,11 @@
+//! Integration tests: each test mounts its own mmapfs image (see `common`), exercises it through
+//! the kernel, unmounts and runs `mmapfs fsck`.
+
+mod common;
+
+mod cli;
+mod concurrency;
+mod crash;
+mod data;
+mod persistence;
+mod posix;

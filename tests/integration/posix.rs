@@ -1,0 +1,763 @@
+//! POSIX behaviour through the kernel: file kinds, open flags, unlink/rename semantics,
+//! attributes, permissions, xattrs, statfs, name limits and readdir.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use crate::common::*;
+
+#[test]
+fn regular_files_and_directories() {
+    let m = Mount::new();
+    fs::create_dir(m.p("d")).unwrap();
+    fs::create_dir_all(m.p("d/e/f")).unwrap();
+    fs::write(m.p("d/e/f/file"), b"hello world").unwrap();
+    assert_eq!(fs::read(m.p("d/e/f/file")).unwrap(), b"hello world");
+    let md = fs::metadata(m.p("d/e/f/file")).unwrap();
+    assert!(md.is_file());
+    assert_eq!(md.len(), 11);
+    // A directory has nlink 2 + one per subdirectory.
+    assert_eq!(fs::metadata(m.p("d")).unwrap().nlink(), 3);
+    fs::create_dir(m.p("d/g")).unwrap();
+    assert_eq!(fs::metadata(m.p("d")).unwrap().nlink(), 4);
+    assert_eq!(err_of(fs::create_dir(m.p("d/g"))), libc::EEXIST);
+    assert_eq!(err_of(fs::remove_dir(m.p("d/e"))), libc::ENOTEMPTY);
+    assert_eq!(err_of(fs::remove_dir(m.p("d/e/f/file"))), libc::ENOTDIR);
+    assert_eq!(err_of(fs::remove_file(m.p("d/g"))), libc::EISDIR);
+    assert_eq!(err_of(fs::read(m.p("nope"))), libc::ENOENT);
+    fs::remove_dir(m.p("d/g")).unwrap();
+    assert_eq!(fs::metadata(m.p("d")).unwrap().nlink(), 3);
+    fs::remove_file(m.p("d/e/f/file")).unwrap();
+    fs::remove_dir_all(m.p("d")).unwrap();
+    assert_eq!(fs::read_dir(m.path()).unwrap().count(), 0);
+    m.finish();
+}
+
+#[test]
+fn symlinks_up_to_4095_bytes() {
+    let m = Mount::new();
+    fs::write(m.p("target"), b"x").unwrap();
+    std::os::unix::fs::symlink("target", m.p("link")).unwrap();
+    assert_eq!(fs::read_link(m.p("link")).unwrap(), Path::new("target"));
+    assert_eq!(fs::read(m.p("link")).unwrap(), b"x");
+    assert!(fs::symlink_metadata(m.p("link")).unwrap().file_type().is_symlink());
+    assert_eq!(fs::symlink_metadata(m.p("link")).unwrap().len(), 6);
+    for len in [1usize, 59, 60, 61, 255, 4000, 4095] {
+        // A target made of path components, so it is a legal path of exactly `len` bytes.
+        let target: String = (0..len)
+            .map(|i| if i % 100 == 99 { '/' } else { (b'a' + (i % 26) as u8) as char })
+            .collect();
+        let name = format!("l{len}");
+        std::os::unix::fs::symlink(&target, m.p(&name)).unwrap();
+        let got = fs::read_link(m.p(&name)).unwrap();
+        assert_eq!(got.as_os_str().as_bytes(), target.as_bytes(), "len {len}");
+        assert_eq!(fs::symlink_metadata(m.p(&name)).unwrap().len(), len as u64);
+    }
+    let too_long = "b".repeat(4096);
+    let r = std::os::unix::fs::symlink(&too_long, m.p("l4096"));
+    assert_eq!(err_of(r), libc::ENAMETOOLONG);
+    // Dangling links are fine.
+    std::os::unix::fs::symlink("missing", m.p("dangling")).unwrap();
+    assert_eq!(err_of(fs::read(m.p("dangling"))), libc::ENOENT);
+    m.finish();
+}
+
+#[test]
+fn hard_links_share_the_inode() {
+    let m = Mount::new();
+    fs::create_dir(m.p("sub")).unwrap();
+    fs::write(m.p("a"), b"shared").unwrap();
+    fs::hard_link(m.p("a"), m.p("b")).unwrap();
+    fs::hard_link(m.p("a"), m.p("sub/c")).unwrap();
+    let (a, b, c) = (lstat(&m.p("a")), lstat(&m.p("b")), lstat(&m.p("sub/c")));
+    assert_eq!(a.st_ino, b.st_ino);
+    assert_eq!(a.st_ino, c.st_ino);
+    assert_eq!(lstat(&m.p("a")).st_nlink, 3);
+    fs::write(m.p("b"), b"changed").unwrap();
+    assert_eq!(fs::read(m.p("sub/c")).unwrap(), b"changed");
+    fs::remove_file(m.p("a")).unwrap();
+    assert_eq!(lstat(&m.p("b")).st_nlink, 2);
+    assert_eq!(fs::read(m.p("b")).unwrap(), b"changed");
+    assert_eq!(err_of(fs::hard_link(m.p("sub"), m.p("dirlink"))), libc::EPERM);
+    assert_eq!(
+        err_of(fs::hard_link(m.p("b"), m.p("sub/c"))),
+        libc::EEXIST
+    );
+    fs::remove_file(m.p("sub/c")).unwrap();
+    assert_eq!(lstat(&m.p("b")).st_nlink, 1);
+    m.finish();
+}
+
+#[test]
+fn fifo_and_socket_nodes() {
+    let m = Mount::new();
+    let fifo = m.p("fifo");
+    // SAFETY: valid path.
+    let r = unsafe { libc::mkfifo(cpath(&fifo).as_ptr(), 0o644) };
+    assert_eq!(r, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new().write(true).open(&fifo).unwrap();
+            f.write_all(b"through the pipe").unwrap();
+        })
+    };
+    let mut got = Vec::new();
+    File::open(&fifo).unwrap().read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got, b"through the pipe");
+
+    let sock = m.p("sock");
+    // SAFETY: valid path.
+    let r = unsafe { libc::mknod(cpath(&sock).as_ptr(), libc::S_IFSOCK | 0o600, 0) };
+    assert_eq!(r, 0, "mknod sock: {}", std::io::Error::last_os_error());
+    assert!(fs::symlink_metadata(&sock).unwrap().file_type().is_socket());
+    assert_eq!(lstat(&sock).st_mode & 0o7777, 0o600);
+
+    // A live unix socket bound on the mount.
+    let path = m.p("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let client = std::thread::spawn(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(b"ping").unwrap();
+    });
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).unwrap();
+    client.join().unwrap();
+    assert_eq!(buf, b"ping");
+    drop(listener);
+
+    // A character device node keeps its rdev.
+    let dev = m.p("null");
+    let rdev = libc::makedev(1, 3);
+    // SAFETY: valid path.
+    let r = unsafe { libc::mknod(cpath(&dev).as_ptr(), libc::S_IFCHR | 0o666, rdev) };
+    assert_eq!(r, 0, "mknod chr: {}", std::io::Error::last_os_error());
+    assert_eq!(lstat(&dev).st_rdev, rdev);
+    m.finish();
+}
+
+#[test]
+fn open_flags_excl_trunc_append() {
+    let m = Mount::new();
+    let p = m.p("f");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    f.write_all(b"0123456789").unwrap();
+    drop(f);
+    let r = OpenOptions::new().write(true).create_new(true).open(&p);
+    assert_eq!(err_of(r), libc::EEXIST);
+    assert_eq!(fs::read(&p).unwrap(), b"0123456789");
+
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"AB").unwrap();
+    f.seek(SeekFrom::Start(3)).unwrap();
+    f.write_all(b"CD").unwrap();
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), b"0123456789ABCD");
+
+    // O_TRUNC empties it and frees its blocks.
+    fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+    let before = free_blocks(m.path());
+    let f = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    drop(f);
+    assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+    assert_eq!(lstat(&p).st_blocks, 0);
+    assert!(free_blocks(m.path()) >= before + 250, "O_TRUNC freed no space");
+    m.finish();
+}
+
+#[test]
+fn unlinked_open_file_lives_until_last_close() {
+    let m = Mount::new();
+    let base = free_blocks(m.path());
+    let p = m.p("victim");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    let data = pattern(1, 0, 4 << 20);
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    let used = free_blocks(m.path());
+    assert!(used + 1000 < base, "4 MiB written but free went {base} -> {used}");
+    fs::remove_file(&p).unwrap();
+    assert_eq!(err_of(fs::metadata(&p)), libc::ENOENT);
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    // Still readable and writable.
+    let mut back = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut back).unwrap();
+    assert!(back == data, "unlinked file content changed");
+    f.write_all(b"more").unwrap();
+    f.seek(SeekFrom::Start(4 << 20)).unwrap();
+    let mut tail = [0u8; 4];
+    f.read_exact(&mut tail).unwrap();
+    assert_eq!(&tail, b"more");
+    // The space stays in use while open.
+    assert!(free_blocks(m.path()) + 1000 < base);
+    drop(f);
+    let mut after = 0;
+    for _ in 0..100 {
+        // The release reaches the daemon asynchronously.
+        after = free_blocks(m.path());
+        if after + 16 >= base {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        after + 16 >= base,
+        "space not freed after last close: base {base}, now {after}"
+    );
+    m.finish();
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
+    let (a, b) = (cpath(from), cpath(to));
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    check(r).map(|_| ())
+}
+
+/// The inode number the directory `dir` lists for its `..` entry (asks the filesystem, unlike
+/// a path walk through `..`, which the kernel answers from its dentry cache).
+fn dotdot_ino(dir: &Path) -> u64 {
+    let c = cpath(dir);
+    // SAFETY: valid path; the stream is closed below.
+    let d = unsafe { libc::opendir(c.as_ptr()) };
+    assert!(!d.is_null(), "opendir {}", dir.display());
+    let mut found = None;
+    loop {
+        // SAFETY: d is an open stream.
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: readdir returns a valid entry with a NUL-terminated name.
+        let (name, ino) = unsafe {
+            (
+                std::ffi::CStr::from_ptr((*e).d_name.as_ptr()).to_bytes().to_vec(),
+                (*e).d_ino,
+            )
+        };
+        if name == b".." {
+            found = Some(ino);
+        }
+    }
+    // SAFETY: d is open and closed once.
+    unsafe { libc::closedir(d) };
+    found.unwrap_or_else(|| panic!("no .. in {}", dir.display()))
+}
+
+#[test]
+fn rename_files_and_directories() {
+    let m = Mount::new();
+    fs::create_dir_all(m.p("a/sub")).unwrap();
+    fs::create_dir(m.p("b")).unwrap();
+    fs::write(m.p("a/f"), b"f").unwrap();
+    // Simple and across directories.
+    fs::rename(m.p("a/f"), m.p("a/g")).unwrap();
+    assert_eq!(err_of(fs::metadata(m.p("a/f"))), libc::ENOENT);
+    fs::rename(m.p("a/g"), m.p("b/h")).unwrap();
+    assert_eq!(fs::read(m.p("b/h")).unwrap(), b"f");
+    // A directory across directories: nlinks and `..` follow.
+    fs::rename(m.p("a/sub"), m.p("b/sub")).unwrap();
+    assert_eq!(lstat(&m.p("a")).st_nlink, 2);
+    assert_eq!(lstat(&m.p("b")).st_nlink, 3);
+    assert_eq!(dotdot_ino(&m.p("b/sub")), lstat(&m.p("b")).st_ino);
+
+    // Over an existing file: the target is replaced and its data freed.
+    fs::write(m.p("big"), pattern(2, 0, 4 << 20)).unwrap();
+    fs::write(m.p("small"), b"small").unwrap();
+    let small_ino = lstat(&m.p("small")).st_ino;
+    let before = free_blocks(m.path());
+    fs::rename(m.p("small"), m.p("big")).unwrap();
+    assert_eq!(fs::read(m.p("big")).unwrap(), b"small");
+    assert_eq!(lstat(&m.p("big")).st_ino, small_ino);
+    assert_eq!(err_of(fs::metadata(m.p("small"))), libc::ENOENT);
+    assert!(
+        free_blocks(m.path()) >= before + 1000,
+        "replaced target's 4 MiB not freed"
+    );
+
+    // A directory over an empty directory, and over a non-empty one.
+    fs::create_dir(m.p("d1")).unwrap();
+    fs::write(m.p("d1/inside"), b"1").unwrap();
+    fs::create_dir(m.p("empty")).unwrap();
+    fs::rename(m.p("d1"), m.p("empty")).unwrap();
+    assert_eq!(fs::read(m.p("empty/inside")).unwrap(), b"1");
+    fs::create_dir(m.p("d2")).unwrap();
+    assert_eq!(err_of(fs::rename(m.p("d2"), m.p("empty"))), libc::ENOTEMPTY);
+    assert_eq!(err_of(fs::rename(m.p("d2"), m.p("b/h"))), libc::ENOTDIR);
+    assert_eq!(err_of(fs::rename(m.p("b/h"), m.p("d2"))), libc::EISDIR);
+    // Into its own subdirectory.
+    fs::create_dir_all(m.p("d2/x/y")).unwrap();
+    assert_eq!(err_of(fs::rename(m.p("d2"), m.p("d2/x/y/z"))), libc::EINVAL);
+    // Onto itself: nothing happens.
+    fs::rename(m.p("b/h"), m.p("b/h")).unwrap();
+    assert_eq!(fs::read(m.p("b/h")).unwrap(), b"f");
+    m.finish();
+}
+
+#[test]
+fn rename_noreplace_and_exchange() {
+    let m = Mount::new();
+    fs::create_dir_all(m.p("a/dir/deep")).unwrap();
+    fs::create_dir(m.p("b")).unwrap();
+    fs::write(m.p("a/dir/deep/file"), b"deep").unwrap();
+    fs::write(m.p("b/file"), b"plain").unwrap();
+    fs::write(m.p("x"), b"x").unwrap();
+    fs::write(m.p("y"), b"y").unwrap();
+    assert_eq!(
+        renameat2(&m.p("x"), &m.p("y"), libc::RENAME_NOREPLACE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(fs::read(m.p("x")).unwrap(), b"x");
+    assert_eq!(fs::read(m.p("y")).unwrap(), b"y");
+    renameat2(&m.p("x"), &m.p("z"), libc::RENAME_NOREPLACE).unwrap();
+    assert_eq!(fs::read(m.p("z")).unwrap(), b"x");
+
+    // Two files.
+    renameat2(&m.p("z"), &m.p("y"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(m.p("z")).unwrap(), b"y");
+    assert_eq!(fs::read(m.p("y")).unwrap(), b"x");
+    assert_eq!(
+        renameat2(&m.p("z"), &m.p("missing"), libc::RENAME_EXCHANGE),
+        Err(libc::ENOENT)
+    );
+
+    // A directory and a file in different directories.
+    let dir_ino = lstat(&m.p("a/dir")).st_ino;
+    let file_ino = lstat(&m.p("b/file")).st_ino;
+    let (a_ino, b_ino) = (lstat(&m.p("a")).st_ino, lstat(&m.p("b")).st_ino);
+    renameat2(&m.p("a/dir"), &m.p("b/file"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(lstat(&m.p("a/dir")).st_ino, file_ino);
+    assert_eq!(lstat(&m.p("b/file")).st_ino, dir_ino);
+    assert_eq!(fs::read(m.p("a/dir")).unwrap(), b"plain");
+    assert_eq!(fs::read(m.p("b/file/deep/file")).unwrap(), b"deep");
+    assert_eq!(dotdot_ino(&m.p("b/file")), b_ino);
+    assert_ne!(dotdot_ino(&m.p("b/file")), a_ino);
+    // The subdirectory moved from a to b: link counts follow.
+    assert_eq!(lstat(&m.p("a")).st_nlink, 2);
+    assert_eq!(lstat(&m.p("b")).st_nlink, 3);
+
+    // Two directories in different directories.
+    fs::create_dir(m.p("a/d2")).unwrap();
+    fs::create_dir(m.p("other")).unwrap();
+    renameat2(&m.p("a/d2"), &m.p("b/file"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(dotdot_ino(&m.p("a/d2")), a_ino);
+    assert_eq!(fs::read(m.p("a/d2/deep/file")).unwrap(), b"deep");
+    assert_eq!(dotdot_ino(&m.p("b/file")), b_ino);
+
+    // Survives a remount (the on-image parent pointers changed too).
+    let mut m = m;
+    m.remount();
+    assert_eq!(fs::read(m.p("a/d2/deep/file")).unwrap(), b"deep");
+    assert_eq!(dotdot_ino(&m.p("a/d2")), lstat(&m.p("a")).st_ino);
+    assert_eq!(fs::read(m.p("a/dir")).unwrap(), b"plain");
+    m.finish();
+}
+
+#[test]
+fn chmod_chown_and_nanosecond_times() {
+    let m = Mount::new();
+    let p = m.p("f");
+    fs::write(&p, b"t").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o4751)).unwrap();
+    assert_eq!(lstat(&p).st_mode & 0o7777, 0o4751);
+    std::os::unix::fs::chown(&p, Some(1234), Some(5678)).unwrap();
+    let st = lstat(&p);
+    assert_eq!((st.st_uid, st.st_gid), (1234, 5678));
+    // Changing the owner clears set-uid.
+    assert_eq!(st.st_mode & 0o7777, 0o751);
+
+    let set = |atime: libc::timespec, mtime: libc::timespec| {
+        let times = [atime, mtime];
+        // SAFETY: valid path and a two-element array.
+        let r = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(&p).as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(r, 0, "utimensat: {}", std::io::Error::last_os_error());
+    };
+    let ts = |sec: i64, nsec: i64| libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    set(ts(1_000_000_000, 123_456_789), ts(1_500_000_000, 987_654_321));
+    let st = lstat(&p);
+    assert_eq!((st.st_atime, st.st_atime_nsec), (1_000_000_000, 123_456_789));
+    assert_eq!((st.st_mtime, st.st_mtime_nsec), (1_500_000_000, 987_654_321));
+    // Before the epoch, too.
+    set(ts(-1_000, 1), ts(4_000_000_000, 999_999_999));
+    let st = lstat(&p);
+    assert_eq!((st.st_atime, st.st_atime_nsec), (-1_000, 1));
+    assert_eq!((st.st_mtime, st.st_mtime_nsec), (4_000_000_000, 999_999_999));
+    // UTIME_OMIT keeps atime, UTIME_NOW sets mtime to now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    set(ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_NOW));
+    let st = lstat(&p);
+    assert_eq!((st.st_atime, st.st_atime_nsec), (-1_000, 1));
+    assert!((st.st_mtime - now).abs() <= 5, "UTIME_NOW gave {}", st.st_mtime);
+    assert!(st.st_ctime >= now - 5);
+    set(ts(0, libc::UTIME_NOW), ts(0, libc::UTIME_OMIT));
+    let st2 = lstat(&p);
+    assert!((st2.st_atime - now).abs() <= 5);
+    assert_eq!((st2.st_mtime, st2.st_mtime_nsec), (st.st_mtime, st.st_mtime_nsec));
+
+    // Writing updates mtime; it is kept exactly across a remount.
+    set(ts(1, 0), ts(2, 0));
+    fs::write(&p, b"again").unwrap();
+    let st = lstat(&p);
+    assert!(st.st_mtime >= now - 5, "write did not update mtime");
+    let mut m = m;
+    m.remount();
+    let st3 = lstat(&m.p("f"));
+    assert_eq!((st3.st_mtime, st3.st_mtime_nsec), (st.st_mtime, st.st_mtime_nsec));
+    assert_eq!((st3.st_uid, st3.st_gid), (1234, 5678));
+    m.finish();
+}
+
+/// Runs `sh -c script` as user `nobody` (uid/gid 65534, no groups).
+fn as_nobody(script: &str) -> std::process::Output {
+    run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(script))
+}
+
+#[test]
+fn permissions_are_enforced_for_other_users() {
+    let m = Mount::new();
+    fs::write(m.p("secret"), b"root only").unwrap();
+    fs::set_permissions(m.p("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.p("public"), b"everyone").unwrap();
+    fs::set_permissions(m.p("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::create_dir(m.p("rootdir")).unwrap();
+    fs::set_permissions(m.p("rootdir"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir(m.p("open")).unwrap();
+    fs::set_permissions(m.p("open"), fs::Permissions::from_mode(0o777)).unwrap();
+    let q = |rel: &str| m.p(rel).display().to_string();
+
+    // The positive controls prove the user can reach the mount at all.
+    let out = as_nobody(&format!("cat {}", q("public")));
+    assert!(out.status.success(), "nobody cannot read 0644: {}", describe(&out));
+    assert_eq!(out.stdout, b"everyone");
+    let out = as_nobody(&format!("echo mine > {}", q("open/mine")));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(lstat(&m.p("open/mine")).st_uid, 65534);
+    assert_eq!(lstat(&m.p("open/mine")).st_gid, 65534);
+
+    let out = as_nobody(&format!("cat {}", q("secret")));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        describe(&out)
+    );
+    let out = as_nobody(&format!("echo x >> {}", q("public")));
+    assert!(!out.status.success(), "nobody appended to a 0644 root file");
+    let out = as_nobody(&format!("touch {}", q("rootdir/new")));
+    assert!(!out.status.success(), "nobody created a file in a 0755 root dir");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    assert_eq!(err_of(fs::metadata(m.p("rootdir/new"))), libc::ENOENT);
+    let out = as_nobody(&format!("rm -f {}", q("public")));
+    assert!(!out.status.success(), "nobody removed a file from the root dir");
+    assert!(m.p("public").exists());
+    let out = as_nobody(&format!("chmod 777 {}", q("public")));
+    assert!(!out.status.success(), "nobody chmodded a root file");
+    assert_eq!(lstat(&m.p("public")).st_mode & 0o777, 0o644);
+    assert_eq!(fs::read(m.p("public")).unwrap(), b"everyone");
+    m.finish();
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid path, name and value buffer.
+    let r = unsafe {
+        libc::lsetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    check(r).map(|_| ())
+}
+
+/// getxattr into a buffer of `cap` bytes.
+fn getxattr_cap(p: &Path, name: &str, cap: usize) -> Result<Vec<u8>, i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; cap];
+    // SAFETY: valid path and name; the buffer holds `cap` bytes (null when cap is 0).
+    let r = unsafe {
+        libc::lgetxattr(
+            cpath(p).as_ptr(),
+            n.as_ptr(),
+            if cap == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() },
+            cap,
+        )
+    };
+    let len = check(r)?;
+    buf.truncate(if cap == 0 { 0 } else { len as usize });
+    if cap == 0 {
+        return Ok(vec![0; len as usize]);
+    }
+    Ok(buf)
+}
+
+pub fn getxattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    getxattr_cap(p, name, 65536)
+}
+
+pub fn listxattr(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid path and buffer.
+    let r = unsafe { libc::llistxattr(cpath(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let len = check(r).expect("listxattr") as usize;
+    let mut names: Vec<String> = buf[..len]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn removexattr(p: &Path, name: &str) -> Result<(), i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid path and name.
+    check(unsafe { libc::lremovexattr(cpath(p).as_ptr(), n.as_ptr()) }).map(|_| ())
+}
+
+pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    setxattr(p, name, value, 0).unwrap_or_else(|e| panic!("setxattr {name}: errno {e}"));
+}
+
+#[test]
+fn xattrs() {
+    let mut m = Mount::new();
+    let p = m.p("f");
+    fs::write(&p, b"x").unwrap();
+    fs::create_dir(m.p("d")).unwrap();
+    let big = pattern(3, 0, 3000);
+    set_xattr(&p, "user.one", b"1");
+    set_xattr(&p, "user.big", &big);
+    set_xattr(&p, "user.empty", b"");
+    set_xattr(&p, "trusted.t", b"trusted value");
+    set_xattr(&p, "security.s", b"sec");
+    set_xattr(&m.p("d"), "user.on_dir", b"dir");
+    assert_eq!(getxattr(&p, "user.one").unwrap(), b"1");
+    assert_eq!(getxattr(&p, "user.big").unwrap(), big);
+    assert_eq!(getxattr(&p, "user.empty").unwrap(), b"");
+    assert_eq!(getxattr(&p, "trusted.t").unwrap(), b"trusted value");
+    assert_eq!(getxattr(&p, "security.s").unwrap(), b"sec");
+    assert_eq!(getxattr(&p, "user.none"), Err(libc::ENODATA));
+    assert_eq!(
+        listxattr(&p),
+        ["security.s", "trusted.t", "user.big", "user.empty", "user.one"]
+    );
+    // Size probe and a too-small buffer.
+    assert_eq!(getxattr_cap(&p, "user.big", 0).unwrap().len(), 3000);
+    assert_eq!(getxattr_cap(&p, "user.big", 100), Err(libc::ERANGE));
+    assert_eq!(
+        setxattr(&p, "user.one", b"again", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        setxattr(&p, "user.missing", b"v", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
+    setxattr(&p, "user.one", b"replaced", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(getxattr(&p, "user.one").unwrap(), b"replaced");
+    setxattr(&p, "user.new", b"created", libc::XATTR_CREATE).unwrap();
+    removexattr(&p, "user.empty").unwrap();
+    assert_eq!(removexattr(&p, "user.empty"), Err(libc::ENODATA));
+    assert_eq!(getxattr(&p, "user.empty"), Err(libc::ENODATA));
+
+    m.remount();
+    let p = m.p("f");
+    assert_eq!(
+        listxattr(&p),
+        ["security.s", "trusted.t", "user.big", "user.new", "user.one"]
+    );
+    assert_eq!(getxattr(&p, "user.big").unwrap(), big);
+    assert_eq!(getxattr(&p, "user.one").unwrap(), b"replaced");
+    assert_eq!(getxattr(&p, "trusted.t").unwrap(), b"trusted value");
+    assert_eq!(getxattr(&m.p("d"), "user.on_dir").unwrap(), b"dir");
+    // Unlinking the file frees its xattrs (fsck checks the block is not leaked).
+    fs::remove_file(&p).unwrap();
+    m.finish();
+}
+
+#[test]
+fn statfs_reports_capacity_and_usage() {
+    let mut m = Mount::new();
+    let st = statfs(m.path());
+    assert_eq!(st.f_bsize, 4096);
+    assert_eq!(st.f_namelen, 255);
+    // `info` locks the image, so it runs between mounts.
+    m.unmount();
+    let capacity = info_field(&info(m.image()), "capacity");
+    m.mount();
+    let diff = (st.f_blocks as i64 - capacity as i64).unsigned_abs();
+    assert!(
+        diff * 100 <= capacity,
+        "statfs f_blocks {} vs info capacity {capacity}",
+        st.f_blocks
+    );
+    let out = run(Command::new("stat").args(["-f", "-c", "%l %S"]).arg(m.path()));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "255 4096");
+
+    let free0 = free_blocks(m.path());
+    fs::write(m.p("eight"), pattern(4, 0, 8 << 20)).unwrap();
+    let free1 = free_blocks(m.path());
+    assert!(
+        free1 + 2048 <= free0 || statfs(m.path()).f_blocks > st.f_blocks,
+        "free {free0} -> {free1} after writing 8 MiB"
+    );
+    let blocks1 = statfs(m.path()).f_blocks;
+    let used1 = blocks1 - free1;
+    assert!(used1 >= (st.f_blocks - free0) + 2048, "used did not grow by 8 MiB");
+    fs::remove_file(m.p("eight")).unwrap();
+    let free2 = free_blocks(m.path());
+    assert!(free2 >= free1 + 2048, "free {free1} -> {free2} after deleting 8 MiB");
+    let df = run(Command::new("df").arg("-B4096").arg(m.path()));
+    assert!(df.status.success(), "{}", describe(&df));
+    m.finish();
+}
+
+#[test]
+fn name_length_limit() {
+    let m = Mount::new();
+    let ok = "n".repeat(255);
+    fs::write(m.p(&ok), b"ok").unwrap();
+    assert_eq!(fs::read(m.p(&ok)).unwrap(), b"ok");
+    fs::create_dir(m.p(&"d".repeat(255))).unwrap();
+    let long = "n".repeat(256);
+    assert_eq!(err_of(fs::write(m.p(&long), b"no")), libc::ENAMETOOLONG);
+    assert_eq!(err_of(fs::create_dir(m.p(&long))), libc::ENAMETOOLONG);
+    assert_eq!(err_of(fs::metadata(m.p(&long))), libc::ENAMETOOLONG);
+    assert_eq!(err_of(fs::rename(m.p(&ok), m.p(&long))), libc::ENAMETOOLONG);
+    let names: Vec<_> = fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().len())
+        .collect();
+    assert_eq!(names, [255, 255]);
+    m.finish();
+}
+
+fn mknod_file(p: &Path) {
+    // SAFETY: valid path.
+    let r = unsafe { libc::mknod(cpath(p).as_ptr(), libc::S_IFREG | 0o644, 0) };
+    assert_eq!(r, 0, "mknod {}: {}", p.display(), std::io::Error::last_os_error());
+}
+
+fn list(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn assert_exact_listing(dir: &Path, expected: &HashSet<String>) {
+    let listed = list(dir);
+    let set: HashSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), set.len(), "duplicates in the listing");
+    let missing: Vec<_> = expected.difference(&set).take(5).collect();
+    let extra: Vec<_> = set.difference(expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "listing differs: missing {missing:?}, extra {extra:?}"
+    );
+}
+
+#[test]
+fn readdir_10k_entries_and_delete_while_listing() {
+    let m = Mount::new();
+    let dir = m.p("many");
+    fs::create_dir(&dir).unwrap();
+    let names: HashSet<String> = (0..10_000).map(|i| format!("entry-{i:05}-{}", i * 7919 % 10007)).collect();
+    for n in &names {
+        mknod_file(&dir.join(n));
+    }
+    assert_exact_listing(&dir, &names);
+    // Delete every other one, list again.
+    let mut kept = HashSet::new();
+    for (i, n) in names.iter().enumerate() {
+        if i % 2 == 0 {
+            fs::remove_file(dir.join(n)).unwrap();
+        } else {
+            kept.insert(n.clone());
+        }
+    }
+    assert_exact_listing(&dir, &kept);
+
+    // rm -rf style: unlink each entry as readdir returns it.
+    let mut seen = HashSet::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(seen.insert(name.clone()), "{name} listed twice during deletion");
+        fs::remove_file(dir.join(&name)).unwrap();
+    }
+    assert_eq!(seen, kept, "entries lost while deleting");
+    assert!(list(&dir).is_empty());
+    fs::remove_dir(&dir).unwrap();
+
+    // A tree removed by remove_dir_all.
+    for d in 0..20 {
+        let sub = m.p(&format!("tree/{d}/inner"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..50 {
+            fs::write(sub.join(f.to_string()), b"z").unwrap();
+        }
+    }
+    fs::remove_dir_all(m.p("tree")).unwrap();
+    assert!(list(m.path()).is_empty());
+    m.finish();
+}
+
+#[test]
+fn readdir_100k_entries() {
+    let m = Mount::with(&["--size", "64M"], &[]);
+    let dir = m.p("huge");
+    fs::create_dir(&dir).unwrap();
+    let n = 100_000;
+    let start = Instant::now();
+    let names: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
+    for name in &names {
+        mknod_file(&dir.join(name));
+    }
+    let created = start.elapsed();
+    let mut rng = Rng::new(seed("readdir_100k_entries"));
+    for _ in 0..50 {
+        let i = rng.below(n) as usize;
+        let md = fs::symlink_metadata(dir.join(&names[i])).unwrap();
+        assert!(md.is_file());
+    }
+    let t = Instant::now();
+    assert_exact_listing(&dir, &names.iter().cloned().collect());
+    eprintln!(
+        "100k entries: create {:?}, list {:?}",
+        created,
+        t.elapsed()
+    );
+    m.finish();
+}
