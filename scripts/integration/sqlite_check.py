@@ -4,6 +4,7 @@
 
     sqlite_check.py write DIR    create DIR/test.db, 40,000 rows in transactions, updates, deletes
     sqlite_check.py verify DIR   integrity_check, row count and content checksum (after remount)
+    sqlite_check.py reader DIR   (internal) concurrent reader started by `write` during the inserts
 
 Rows are derived from their id, so the expected count and checksum are recomputed, not stored.
 Prints one line and exits 1 on the first failed check."""
@@ -95,6 +96,11 @@ def write(directory):
     db = connect(path)
     db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL, payload BLOB NOT NULL)")
     db.execute("CREATE INDEX t_name ON t(name)")
+    # Another process reads concurrently through its own mappings of the database and -shm.
+    stop = os.path.join(directory, "reader.stop")
+    if os.path.exists(stop):
+        os.remove(stop)
+    reader = subprocess.Popen([sys.executable, os.path.abspath(__file__), "reader", directory])
     for start in range(0, ROWS, BATCH):
         db.execute("BEGIN")
         db.executemany(
@@ -102,6 +108,17 @@ def write(directory):
             ((i, f"row-{i}-0", payload(i, 0)) for i in range(start, min(start + BATCH, ROWS))),
         )
         db.execute("COMMIT")
+        if reader.poll() is not None:
+            fail(f"concurrent reader exited early with status {reader.returncode}")
+    open(stop, "w").close()
+    try:
+        status = reader.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        reader.kill()
+        fail("concurrent reader did not stop within 60 s")
+    if status != 0:
+        fail(f"concurrent reader exited with status {status}")
+    os.remove(stop)
     db.execute("BEGIN")
     db.executemany("UPDATE t SET name = ?, payload = ? WHERE id = ?",
                    ((f"row-{i}-1", payload(i, 1), i) for i in range(0, ROWS, 5)))
@@ -116,6 +133,33 @@ def write(directory):
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     check(db, path, "after checkpoint")
     db.close()
+
+
+def reader(directory):
+    """Until told to stop: every snapshot holds whole insert transactions with the right data."""
+    path = os.path.join(directory, "test.db")
+    stop = os.path.join(directory, "reader.stop")
+    db = connect(path)
+    snapshots = 0
+    while True:
+        stopping = os.path.exists(stop)
+        db.execute("BEGIN")
+        count, top = db.execute("SELECT count(*), coalesce(max(id), -1) FROM t").fetchone()
+        if count % BATCH != 0 or top != count - 1:
+            fail(f"concurrent reader saw a torn transaction: {count} rows, max id {top}")
+        if count:
+            i = (snapshots * 7919) % count
+            row = db.execute("SELECT name, payload FROM t WHERE id = ?", (i,)).fetchone()
+            if row != (f"row-{i}-0", payload(i, 0)):
+                fail(f"concurrent reader: wrong contents for row {i}")
+        db.execute("COMMIT")
+        snapshots += 1
+        if stopping:
+            break
+    check_mapped(path)
+    db.close()
+    if snapshots < 2:
+        fail(f"concurrent reader only took {snapshots} snapshots")
 
 
 def verify(directory):
@@ -138,6 +182,6 @@ def verify(directory):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "verify"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "verify", "reader"):
         fail("usage: sqlite_check.py write|verify DIR")
-    {"write": write, "verify": verify}[sys.argv[1]](sys.argv[2])
+    {"write": write, "verify": verify, "reader": reader}[sys.argv[1]](sys.argv[2])
