@@ -74,7 +74,8 @@ pub struct Superblock {
     /// Inode slots that exist in the table (numbers `1..itab_slots` are valid).
     pub itab_slots: U64,
     pub free_inode_head: U64,
-    pub orphan_head: U64,
+    /// Reserved (0). Unlinked-but-open inodes are freed at unmount, or by recovery after a crash.
+    pub reserved_orphan_head: U64,
     pub used_inodes: U64,
     pub next_generation: U64,
     pub alloc_cursor: U64,
@@ -114,7 +115,7 @@ pub struct Inode {
     /// Packed data tree (see [`pack_tree`]).
     pub tree: U64,
     pub xattr_block: U64,
-    /// Next inode on the free list (free slots) or the orphan list (nlink 0, still open).
+    /// Next inode on the free list (free slots only).
     pub next_link: U64,
     /// Directories: the parent directory's inode number.
     pub parent: U64,

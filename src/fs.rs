@@ -4,10 +4,11 @@
 //! without a mount.
 //!
 //! Lifetimes: an inode whose link count reaches 0 is freed when the kernel forgets its last
-//! reference (open files keep a reference); until then it sits on the image's orphan list.
+//! reference (open files keep a reference); until then it is an orphan, remembered in memory
+//! and freed at unmount at the latest. After a crash, recovery frees it (it is unreachable).
 //! Locks: see `engine` (no stripe is taken while another is held, except through `lock_many`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use parking_lot::Mutex;
 
@@ -119,6 +120,8 @@ pub struct Fs {
     engine: Engine,
     /// Kernel references per inode (lookups minus forgets); bounded by the kernel's inode cache.
     lookups: Mutex<HashMap<u64, u64>>,
+    /// Unlinked inodes the kernel still references (open files); bounded by open files.
+    orphans: Mutex<HashSet<u64>>,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
     rename_lock: Mutex<()>,
 }
@@ -199,6 +202,7 @@ impl Fs {
         Fs {
             engine,
             lookups: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
             rename_lock: Mutex::new(()),
         }
     }
@@ -209,6 +213,15 @@ impl Fs {
 
     /// Flushes everything and marks the image clean; called at unmount.
     pub fn shutdown(&self) -> Result<()> {
+        let orphans: Vec<u64> = self.orphans.lock().drain().collect();
+        for ino in orphans {
+            let _g = self.engine.lock_write(ino);
+            let mut rec = self.engine.read_inode(ino)?;
+            if rec.nlink.get() == 0 {
+                self.engine.free_inode(ino, &mut rec)?;
+            }
+        }
+        self.lookups.lock().clear();
         self.engine.close_clean()
     }
 
@@ -253,7 +266,7 @@ impl Fs {
             Err(e) => return Err(e),
         };
         if rec.nlink.get() == 0 {
-            self.engine.remove_orphan(ino, &rec)?;
+            self.orphans.lock().remove(&ino);
             self.engine.free_inode(ino, &mut rec)?;
         }
         Ok(())
@@ -269,7 +282,7 @@ impl Fs {
         }
         if rec.nlink.get() == 0 {
             if self.is_referenced(ino) {
-                self.engine.add_orphan(ino, rec)?;
+                self.orphans.lock().insert(ino);
             } else {
                 return self.engine.free_inode(ino, rec);
             }

@@ -11,8 +11,8 @@
 //!    through the directory's name index; `dir_live` counts the entries; a directory is
 //!    referenced by exactly one entry, in the directory its `parent` names.
 //! 6. Link counts equal the references from directories (2 + subdirectories for a directory).
-//! 7. Every used inode is reachable from the root, unless it is an orphan (link count 0, on the
-//!    orphan list: an unlinked file still open when the image was last written).
+//! 7. Every used inode is reachable from the root. (An unlinked file still open at a crash is
+//!    unreachable: recovery frees it, as a clean unmount would have.)
 //! 8. The free-inode list holds exactly the free inode slots, without loops.
 //!
 //! Recovery repairs by recomputing: unreachable and damaged inodes are freed, link counts and
@@ -178,24 +178,6 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
         return Err(Error::corrupt("root inode is not a directory"));
     }
 
-    // Orphans: unlinked inodes kept for open handles.
-    let mut orphan = vec![false; slots as usize];
-    let mut cur = sb.orphan_head.get();
-    let mut steps = 0;
-    while cur != 0 {
-        steps += 1;
-        if cur >= slots
-            || state[cur as usize] != Slot::Used
-            || steps > slots
-            || orphan[cur as usize]
-        {
-            w.problem(format!("orphan list is broken at inode {cur}"));
-            break;
-        }
-        orphan[cur as usize] = true;
-        cur = e.read_inode_raw(cur)?.next_link.get();
-    }
-
     // Pass 2: walk the tree from the root, counting references.
     let mut refs = vec![0u32; slots as usize];
     let mut subdirs = vec![0u32; slots as usize];
@@ -293,8 +275,7 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
             Slot::Used => {}
         }
         let mut rec = e.read_inode(ino)?;
-        let keep_orphan = orphan[i] && rec.nlink.get() == 0 && mode == Mode::Report;
-        if !reached[i] && !keep_orphan {
+        if !reached[i] {
             w.problem(format!("inode {ino} is not reachable from the root"));
             if mode == Mode::Repair {
                 let mut free = Inode::new_zeroed();
@@ -436,7 +417,6 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
         }
         e.update_sb(|sb| {
             sb.free_inode_head = head.into();
-            sb.orphan_head = 0.into();
             sb.used_inodes = used_inodes.into();
             sb.free_blocks = free_blocks.into();
             sb.total_blocks = total.into();

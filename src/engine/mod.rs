@@ -335,16 +335,12 @@ impl Engine {
                 })
                 .and_then(|_| engine.img.sync_range(0, BLOCK_SIZE).map_err(Error::Io))
                 .map_err(|e| OpenError::Corrupt(p.clone(), e.to_string()))?;
-            engine
-                .free_orphans()
-                .map_err(|e| OpenError::Corrupt(p.clone(), e.to_string()))?;
         }
         Ok(engine)
     }
 
     /// Flushes everything and marks the image clean (unmount).
     pub fn close_clean(&self) -> Result<()> {
-        self.free_orphans()?;
         self.img.sync_all()?;
         self.update_sb(|sb| sb.state = STATE_CLEAN.into())?;
         self.img.sync_all()?;
@@ -625,62 +621,6 @@ impl Engine {
         }
         self.forget_data(ino);
         self.release_inode_slot(ino)
-    }
-
-    // ----- orphans: unlinked inodes still open ------------------------------------------------
-
-    /// Puts an inode whose link count dropped to 0 on the on-image orphan list, so a crash
-    /// before its last close cannot leak it. `rec` is written by the caller.
-    pub fn add_orphan(&self, ino: u64, rec: &mut Inode) -> Result<()> {
-        let mut sb = self.meta.lock();
-        rec.next_link = sb.orphan_head;
-        sb.orphan_head = ino.into();
-        self.write_sb(&mut sb)
-    }
-
-    /// Removes an inode from the orphan list (before it is freed).
-    pub fn remove_orphan(&self, ino: u64, rec: &Inode) -> Result<()> {
-        let mut sb = self.meta.lock();
-        if sb.orphan_head.get() == ino {
-            sb.orphan_head = rec.next_link;
-            return self.write_sb(&mut sb);
-        }
-        let mut cur = sb.orphan_head.get();
-        let mut steps = 0u64;
-        while cur != 0 {
-            steps += 1;
-            if steps > self.itab_slots.load(Ordering::Acquire) {
-                return Err(Error::corrupt("orphan list loops"));
-            }
-            let mut r = self.read_inode(cur)?;
-            if r.next_link.get() == ino {
-                r.next_link = rec.next_link;
-                return self.write_inode(cur, &mut r);
-            }
-            cur = r.next_link.get();
-        }
-        Ok(())
-    }
-
-    /// Frees every inode on the orphan list (at mount and unmount no file is open).
-    pub fn free_orphans(&self) -> Result<()> {
-        let head = self.meta.lock().orphan_head.get();
-        let mut cur = head;
-        let mut steps = 0u64;
-        while cur != 0 {
-            steps += 1;
-            if steps > self.itab_slots.load(Ordering::Acquire) {
-                return Err(Error::corrupt("orphan list loops"));
-            }
-            let _g = self.lock_write(cur);
-            let mut rec = self.read_inode(cur)?;
-            let next = rec.next_link.get();
-            if rec.nlink.get() == 0 {
-                self.free_inode(cur, &mut rec)?;
-            }
-            cur = next;
-        }
-        self.update_sb(|sb| sb.orphan_head = 0.into())
     }
 
     // ----- file data --------------------------------------------------------------------------
