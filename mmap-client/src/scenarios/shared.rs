@@ -2,8 +2,9 @@
 //!
 //! Write phase: an `ftruncate`d file is mapped shared, filled with a pattern through the mapping,
 //! `msync(MS_SYNC)`ed, and a separate descriptor's `read()` must see every byte (before and after
-//! `munmap`). Verify phase (after unmount/remount): size and contents, through `read()` and a fresh
-//! read-only shared mapping.
+//! `munmap`). A second file is written through a shared mapping and never `msync`ed: the process
+//! just exits, which must write the pages back. Verify phase (after unmount/remount): size and
+//! contents of both files, through `read()` and a fresh read-only shared mapping.
 
 use std::path::Path;
 
@@ -14,7 +15,9 @@ use crate::error::{Context, Outcome};
 use crate::sys::{Mapping, ftruncate, page_size};
 
 const FILE: &str = "shared.dat";
+const NO_MSYNC_FILE: &str = "shared-no-msync.dat";
 const SEED: u64 = 0x5EED_0001;
+const SEED_NO_MSYNC: u64 = 0x5EED_0002;
 
 fn file_len() -> usize {
     (1 << 20) + 3 * page_size()
@@ -54,7 +57,15 @@ pub fn write(dir: &Path) -> Outcome {
         len as u64,
         Expect::Pattern(SEED),
         "read() after munmap",
-    )
+    )?;
+
+    // Stores without any msync; the mapping is left for process exit to tear down.
+    let file = create_fresh(&dir.join(NO_MSYNC_FILE))?;
+    ftruncate(&file, len as u64).ctx(|| "ftruncate")?;
+    let map = Mapping::shared_rw(&file, 0, len).ctx(|| "mmap(MAP_SHARED)")?;
+    store_pattern(&map, 0, 0, len, SEED_NO_MSYNC);
+    std::mem::forget(map);
+    Ok(())
 }
 
 /// Verify phase.
@@ -79,5 +90,14 @@ pub fn verify(dir: &Path) -> Outcome {
         len,
         Expect::Pattern(SEED),
         "shared mapping after remount",
+    )?;
+    let file = open_ro(&dir.join(NO_MSYNC_FILE))?;
+    expect_size(&file, len as u64, "never-msynced file after remount")?;
+    expect_file(
+        &file,
+        0,
+        len as u64,
+        Expect::Pattern(SEED_NO_MSYNC),
+        "read() after remount of stores never msynced (written back at process exit)",
     )
 }

@@ -7,6 +7,10 @@
 //! - A file of eight pages, mapped and read in full; a separate process (`truncate-peer`, the
 //!   client re-executed) truncates it to one page: touching a cut-off page now raises `SIGBUS`,
 //!   while the remaining page still holds its data.
+//! - The same with dirty pages: stores into all eight pages, no `msync`, then the foreign
+//!   truncate to one page plus 100 bytes. The cut-off pages raise `SIGBUS`; `msync` succeeds;
+//!   late write-back must not bring the size or the dropped data back: after growing the file
+//!   again with `ftruncate`, everything past the truncation point reads as zeros.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,6 +23,9 @@ const FILE: &str = "sigbus.dat";
 const TRUNCATE_FILE: &str = "sigbus-truncate.dat";
 const SEED: u64 = 0x5EED_0601;
 const SEED_TRUNCATE: u64 = 0x5EED_0602;
+const DIRTY_FILE: &str = "sigbus-dirty.dat";
+const SEED_DIRTY_BEFORE: u64 = 0x5EED_0603;
+const SEED_DIRTY_STORES: u64 = 0x5EED_0604;
 
 /// Run `touch` in a forked child and check it ended as `expected`.
 fn expect_touch(expected: ChildEnd, what: &str, touch: impl FnOnce()) -> Outcome {
@@ -46,7 +53,85 @@ const SIGBUS: ChildEnd = ChildEnd::Signaled(libc::SIGBUS);
 /// The single phase.
 pub fn run(dir: &Path) -> Outcome {
     past_eof(dir)?;
-    cut_by_foreign_truncate(dir)
+    cut_by_foreign_truncate(dir)?;
+    dirty_pages_cut_by_foreign_truncate(dir)
+}
+
+/// Run `truncate-peer FILE LEN` as a separate process.
+fn foreign_truncate(path: &Path, len: u64) -> Outcome {
+    let exe = std::env::current_exe().ctx(|| "locate own executable")?;
+    let status = Command::new(exe)
+        .arg("truncate-peer")
+        .arg(path)
+        .arg(len.to_string())
+        .status()
+        .ctx(|| "run truncate-peer")?;
+    ensure!(status.success(), "truncate-peer {status}");
+    Ok(())
+}
+
+fn dirty_pages_cut_by_foreign_truncate(dir: &Path) -> Outcome {
+    let page = page_size();
+    let len = 8 * page;
+    let cut = page + 100;
+    let path = dir.join(DIRTY_FILE);
+    let file = create_fresh(&path)?;
+    write_pattern(&file, SEED_DIRTY_BEFORE, 0, len as u64)?;
+    let map = Mapping::shared_rw(&file, 0, len).ctx(|| "mmap(MAP_SHARED) of 8 pages")?;
+    crate::check::store_pattern(&map, 0, 0, len, SEED_DIRTY_STORES);
+    foreign_truncate(&path, cut as u64)?;
+    expect_size(
+        &file,
+        cut as u64,
+        "after the other process truncated a dirty mapping",
+    )?;
+    expect_touch(
+        SIGBUS,
+        "load in dirty page 3 after another process's truncate",
+        || {
+            map.load_u8(3 * page);
+        },
+    )?;
+    map.msync(libc::MS_SYNC)
+        .ctx(|| "msync(MS_SYNC) of a mapping partly cut off by truncate")?;
+    drop(map);
+    expect_size(
+        &file,
+        cut as u64,
+        "after msync and munmap of the truncated dirty mapping",
+    )?;
+    crate::check::expect_file(
+        &file,
+        0,
+        cut as u64,
+        Expect::Pattern(SEED_DIRTY_STORES),
+        "read() of the stores below the truncation point",
+    )?;
+    ftruncate(&file, len as u64).ctx(|| "ftruncate back to 8 pages")?;
+    crate::check::expect_file(
+        &file,
+        cut as u64,
+        (len - cut) as u64,
+        Expect::Zero,
+        "read() past the old truncation point after growing again (dropped dirty data must not return)",
+    )?;
+    let map = Mapping::shared_ro(&file, 0, len).ctx(|| "mmap after growing again")?;
+    expect_map(
+        &map,
+        cut,
+        cut as u64,
+        len - cut,
+        Expect::Zero,
+        "mapping past the old truncation point after growing again",
+    )?;
+    expect_map(
+        &map,
+        0,
+        0,
+        cut,
+        Expect::Pattern(SEED_DIRTY_STORES),
+        "mapping below the truncation point",
+    )
 }
 
 fn past_eof(dir: &Path) -> Outcome {
@@ -108,14 +193,7 @@ fn cut_by_foreign_truncate(dir: &Path) -> Outcome {
         "mapping before truncate",
     )?;
 
-    let exe = std::env::current_exe().ctx(|| "locate own executable")?;
-    let status = Command::new(exe)
-        .arg("truncate-peer")
-        .arg(&path)
-        .arg(page.to_string())
-        .status()
-        .ctx(|| "run truncate-peer")?;
-    ensure!(status.success(), "truncate-peer {status}");
+    foreign_truncate(&path, page as u64)?;
     expect_size(&file, page as u64, "after the other process's truncate")?;
 
     expect_touch(
