@@ -292,6 +292,13 @@ def markdown(doc, meta, fs_a, fs_b, standin):
                    f"; vm.dirty_ratio={meta.get('vm.dirty_ratio')}, "
                    f"vm.dirty_background_ratio={meta.get('vm.dirty_background_ratio')}.")
         out.append("")
+    if meta.get("bdi_set", "none") != "none":
+        out.append(f"bdi settings changed by --bdi for this run: {meta['bdi_set']}.")
+        out.append("")
+    if "image_bytes" in meta:
+        out.append(f"mmapfs image after the run: {int(meta['image_bytes']) / MIB:.0f} MiB "
+                   f"({int(meta['image_disk_bytes']) / MIB:.0f} MiB allocated on disk).")
+        out.append("")
     if "fsck" in meta:
         out.append(f"fsck of the image after unmount: {meta['fsck']}.")
         out.append("")
