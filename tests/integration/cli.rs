@@ -12,8 +12,16 @@ use crate::common::*;
 fn assert_clean_failure(out: &Output, what: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let all = format!("{stderr}{}", String::from_utf8_lossy(&out.stdout));
-    assert!(!out.status.success(), "{what}: succeeded: {}", describe(out));
-    assert!(out.status.code().is_some(), "{what}: killed by a signal: {}", describe(out));
+    assert!(
+        !out.status.success(),
+        "{what}: succeeded: {}",
+        describe(out)
+    );
+    assert!(
+        out.status.code().is_some(),
+        "{what}: killed by a signal: {}",
+        describe(out)
+    );
     assert!(
         !all.contains("panicked") && !all.contains("RUST_BACKTRACE"),
         "{what}: panic: {}",
@@ -29,7 +37,10 @@ fn assert_clean_failure(out: &Output, what: &str) -> String {
 }
 
 fn mkfs(image: &Path, size: &str) {
-    let out = run(Command::new(BIN).arg("mkfs").arg(image).args(["--size", size]));
+    let out = run(Command::new(BIN)
+        .arg("mkfs")
+        .arg(image)
+        .args(["--size", size]));
     assert!(out.status.success(), "mkfs: {}", describe(&out));
 }
 
@@ -46,10 +57,16 @@ fn mkfs_refuses_existing_file_without_force() {
     let img = dir.path().join("img");
     let original = Rng::new(5).bytes(3 << 20);
     fs::write(&img, &original).unwrap();
-    let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", "16M"]));
+    let out = run(Command::new(BIN)
+        .arg("mkfs")
+        .arg(&img)
+        .args(["--size", "16M"]));
     assert_clean_failure(&out, "mkfs over a file");
     assert!(fs::read(&img).unwrap() == original, "mkfs touched the file");
-    let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", "16M", "--force"]));
+    let out = run(Command::new(BIN)
+        .arg("mkfs")
+        .arg(&img)
+        .args(["--size", "16M", "--force"]));
     assert!(out.status.success(), "mkfs --force: {}", describe(&out));
     assert_eq!(fs::metadata(&img).unwrap().len(), 16 << 20);
     fsck(&img);
@@ -65,7 +82,10 @@ fn mkfs_rejects_malformed_sizes() {
     let dir = tempdir();
     for size in ["12Q", "abc", "", "-5M", "16MM", "1k", "99999999999T"] {
         let img = dir.path().join("img");
-        let out = run(Command::new(BIN).arg("mkfs").arg(&img).args(["--size", size]));
+        let out = run(Command::new(BIN)
+            .arg("mkfs")
+            .arg(&img)
+            .args(["--size", size]));
         assert_clean_failure(&out, &format!("mkfs --size {size:?}"));
         assert!(!img.exists() || fs::metadata(&img).unwrap().len() == 0);
     }
@@ -122,6 +142,7 @@ fn case() -> Case {
 /// Mounting must fail cleanly with a message containing `expect`, image unchanged.
 fn refused(image: &Path, mnt: &Path, expect: &str, what: &str) {
     let before = fs::read(image).ok();
+    let mounts_before = mounts_on(mnt);
     let out = try_mount(image, mnt, &[]);
     let stderr = assert_clean_failure(&out, what);
     assert!(
@@ -129,17 +150,37 @@ fn refused(image: &Path, mnt: &Path, expect: &str, what: &str) {
         "{what}: expected {expect:?} in {stderr:?}"
     );
     assert!(fs::read(image).ok() == before, "{what}: the image changed");
-    if !is_mountpoint(mnt) {
-        return;
-    }
-    panic!("{what}: a mount was left on {}", mnt.display());
+    assert_eq!(
+        mounts_on(mnt),
+        mounts_before,
+        "{what}: a mount was left on {}",
+        mnt.display()
+    );
+}
+
+/// How many mounts are stacked on `path`.
+fn mounts_on(path: &Path) -> usize {
+    let Ok(canon) = path.canonicalize() else {
+        return 0;
+    };
+    let target = canon.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .count()
 }
 
 #[test]
 fn mount_refuses_bad_images() {
     // Missing image.
     let c = case();
-    refused(&c.dir.path().join("missing"), &c.mnt, "missing", "missing image");
+    refused(
+        &c.dir.path().join("missing"),
+        &c.mnt,
+        "missing",
+        "missing image",
+    );
     // Not an mmapfs image.
     let junk = c.dir.path().join("junk");
     fs::write(&junk, Rng::new(9).bytes(1 << 20)).unwrap();
@@ -168,10 +209,20 @@ fn mount_refuses_bad_images() {
         bytes[at] ^= 1 << rng.below(8);
         let s = c.dir.path().join("flipped");
         fs::write(&s, &bytes).unwrap();
-        refused(&s, &c.mnt, "checksum", &format!("superblock byte {at} flipped"));
+        refused(
+            &s,
+            &c.mnt,
+            "checksum",
+            &format!("superblock byte {at} flipped"),
+        );
     }
     // Missing mount point.
-    refused(&c.image, &c.dir.path().join("nomnt"), "nomnt", "missing mount point");
+    refused(
+        &c.image,
+        &c.dir.path().join("nomnt"),
+        "nomnt",
+        "missing mount point",
+    );
     // A directory as image.
     refused(c.dir.path(), &c.mnt, "", "directory as image");
     // The good image still mounts after all that.
@@ -189,7 +240,10 @@ fn mount_refuses_busy_mountpoint_and_image_in_use() {
     let stderr = assert_clean_failure(&out, "image in use");
     assert!(stderr.contains("in use"), "{stderr}");
     assert!(!is_mountpoint(&other.mnt));
-    assert!(fs::read(m.image()).unwrap() == before, "second mount changed the image");
+    assert!(
+        fs::read(m.image()).unwrap() == before,
+        "second mount changed the image"
+    );
     // fsck and info refuse a mounted image too, without touching it.
     let out = run(Command::new(BIN).arg("fsck").arg(m.image()));
     assert_clean_failure(&out, "fsck of a mounted image");
@@ -203,7 +257,10 @@ fn background_mount_and_unmount() {
     let c = case();
     let out = try_mount(&c.image, &c.mnt, &["-o", "noatime"]);
     assert!(out.status.success(), "background mount: {}", describe(&out));
-    assert!(is_mountpoint(&c.mnt), "mount returned but nothing is mounted");
+    assert!(
+        is_mountpoint(&c.mnt),
+        "mount returned but nothing is mounted"
+    );
     fs::write(c.mnt.join("bg"), b"background").unwrap();
     let out = run(Command::new("fusermount3").arg("-u").arg(&c.mnt));
     assert!(out.status.success(), "{}", describe(&out));
@@ -214,7 +271,10 @@ fn background_mount_and_unmount() {
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).into_owned();
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "daemon never released the image");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon never released the image"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(text.contains("state:        clean"), "{text}");
@@ -264,11 +324,28 @@ fn fsck_reports_corruption_without_panicking() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!out.status.success(), "fsck missed a flipped {what}: {}", describe(&out));
-        assert!(out.status.code().is_some(), "fsck crashed on {what}: {}", describe(&out));
-        assert!(!text.contains("panicked"), "fsck panicked on {what}: {text}");
-        assert!(text.contains("problem"), "fsck on {what} lists no problem: {text}");
-        assert!(fs::read(m.image()).unwrap() == bytes, "fsck (report mode) changed the image");
+        assert!(
+            !out.status.success(),
+            "fsck missed a flipped {what}: {}",
+            describe(&out)
+        );
+        assert!(
+            out.status.code().is_some(),
+            "fsck crashed on {what}: {}",
+            describe(&out)
+        );
+        assert!(
+            !text.contains("panicked"),
+            "fsck panicked on {what}: {text}"
+        );
+        assert!(
+            text.contains("problem"),
+            "fsck on {what} lists no problem: {text}"
+        );
+        assert!(
+            fs::read(m.image()).unwrap() == bytes,
+            "fsck (report mode) changed the image"
+        );
     }
     fs::write(m.image(), &good).unwrap();
     fsck(m.image());
@@ -283,10 +360,16 @@ fn info_and_sigterm() {
     assert!(!is_mountpoint(m.path()), "still mounted after SIGTERM");
     let text = info(m.image());
     for key in ["capacity", "used", "free", "inodes", "state"] {
-        assert!(text.contains(&format!("{key}:")), "info lacks {key}:\n{text}");
+        assert!(
+            text.contains(&format!("{key}:")),
+            "info lacks {key}:\n{text}"
+        );
     }
     assert!(text.contains("state:        clean"), "{text}");
-    assert_eq!(info_field(&text, "capacity"), fs::metadata(m.image()).unwrap().len() / 4096);
+    assert_eq!(
+        info_field(&text, "capacity"),
+        fs::metadata(m.image()).unwrap().len() / 4096
+    );
     let used = info_field(&text, "used");
     let free = info_field(&text, "free");
     assert_eq!(used + free, info_field(&text, "capacity"));

@@ -166,7 +166,10 @@ fn concurrent_renames_between_directories() {
     assert_eq!(fs::read_dir(m.p("x")).unwrap().count(), 200);
     assert_eq!(fs::read_dir(m.p("y")).unwrap().count(), 0);
     for i in 0..200 {
-        assert_eq!(fs::read_to_string(m.p(&format!("x/{i}"))).unwrap(), i.to_string());
+        assert_eq!(
+            fs::read_to_string(m.p(&format!("x/{i}"))).unwrap(),
+            i.to_string()
+        );
     }
     m.finish();
 }

@@ -41,7 +41,11 @@ fn workload(root: PathBuf, tag: String, seed: u64, durable: Durable) {
                     let p = sdir.join(format!("s{}", rng.below(64)));
                     let max = if rng.below(8) == 0 { 4 << 20 } else { 64 << 10 };
                     let len = rng.below(max);
-                    let f = OpenOptions::new().create(true).write(true).truncate(false).open(&p)?;
+                    let f = OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(false)
+                        .open(&p)?;
                     f.write_all_at(&rng.bytes(len as usize), rng.below(1 << 20))?;
                     live.push(p);
                 }
@@ -53,12 +57,10 @@ fn workload(root: PathBuf, tag: String, seed: u64, durable: Durable) {
                         r => r?,
                     }
                 }
-                6 => {
-                    match fs::remove_file(sdir.join(format!("s{}", rng.below(64)))) {
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                        r => r?,
-                    }
-                }
+                6 => match fs::remove_file(sdir.join(format!("s{}", rng.below(64)))) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    r => r?,
+                },
                 7 => {
                     let d = sdir.join(format!("d{}", rng.below(8)));
                     match fs::create_dir(&d) {
@@ -84,8 +86,8 @@ fn workload(root: PathBuf, tag: String, seed: u64, durable: Durable) {
                 _ => {
                     let p = sdir.join(format!("s{}", rng.below(64)));
                     match fs::hard_link(&p, sdir.join(format!("h{}", rng.below(16)))) {
-                        Err(e)
-                            if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => {}
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => {
+                        }
                         r => r?,
                     }
                 }
@@ -137,7 +139,10 @@ fn kill9_under_load_keeps_fsynced_data() {
         }
         m.clear_dead_mount();
         let text = info(m.image());
-        assert!(text.contains("dirty"), "killed mount left state clean:\n{text}");
+        assert!(
+            text.contains("dirty"),
+            "killed mount left state clean:\n{text}"
+        );
         m.mount();
         let durable = durable.lock().unwrap();
         eprintln!(
@@ -159,6 +164,9 @@ fn kill9_under_load_keeps_fsynced_data() {
         fsck(m.image());
         m.mount();
     }
-    assert!(!durable.lock().unwrap().is_empty(), "the workload never fsync'd anything");
+    assert!(
+        !durable.lock().unwrap().is_empty(),
+        "the workload never fsync'd anything"
+    );
     m.finish();
 }

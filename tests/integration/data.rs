@@ -38,7 +38,11 @@ fn truncate_grow_and_shrink() {
     f.set_len(40_000).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 40_000);
     assert_eq!(read_at(&f, 0, data.len()), data);
-    assert!(read_at(&f, data.len() as u64, 40_000 - data.len()).iter().all(|&b| b == 0));
+    assert!(
+        read_at(&f, data.len() as u64, 40_000 - data.len())
+            .iter()
+            .all(|&b| b == 0)
+    );
     // Shrink into the middle of a block, then grow again: the cut tail must read zeros,
     // including the rest of the partial block that still holds old bytes on disk.
     f.set_len(5000).unwrap();
@@ -85,7 +89,11 @@ fn sparse_file_at_one_tib() {
     let md = f.metadata().unwrap();
     assert_eq!(md.len(), TIB + 10_000);
     // 3 data blocks + 1 + a few tree nodes, in 512-byte units.
-    assert!(md.blocks() <= 8 * 16, "st_blocks {} for a sparse file", md.blocks());
+    assert!(
+        md.blocks() <= 8 * 16,
+        "st_blocks {} for a sparse file",
+        md.blocks()
+    );
     assert!(md.blocks() >= 8 * 4, "st_blocks {} too small", md.blocks());
     assert_eq!(read_at(&f, TIB, 10_000), payload);
     assert!(read_at(&f, TIB - 8192, 8192).iter().all(|&b| b == 0));
@@ -98,7 +106,8 @@ fn sparse_file_at_one_tib() {
     fs::write(m.p("other"), b"o").unwrap();
     let g = rw(&m.p("huge"));
     for i in 0..8u64 {
-        g.write_all_at(&[i as u8 + 1; 4096], i * (TIB / 8) + 12_345).unwrap();
+        g.write_all_at(&[i as u8 + 1; 4096], i * (TIB / 8) + 12_345)
+            .unwrap();
     }
     assert_eq!(g.metadata().unwrap().len(), 7 * (TIB / 8) + 12_345 + 4096);
     g.set_len(4096).unwrap();
@@ -138,13 +147,20 @@ fn fallocate_modes_and_seek_data_hole() {
     fallocate(&f, 0, 0, 1 << 20).unwrap();
     let md = f.metadata().unwrap();
     assert_eq!(md.len(), 1 << 20);
-    assert!(md.blocks() >= 2048, "st_blocks {} after 1 MiB fallocate", md.blocks());
+    assert!(
+        md.blocks() >= 2048,
+        "st_blocks {} after 1 MiB fallocate",
+        md.blocks()
+    );
     assert!(read_at(&f, 0, 1 << 20).iter().all(|&b| b == 0));
     // KEEP_SIZE: blocks grow beyond EOF, size unchanged.
     fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20).unwrap();
     let md2 = f.metadata().unwrap();
     assert_eq!(md2.len(), 1 << 20);
-    assert!(md2.blocks() >= md.blocks() + 2048, "KEEP_SIZE allocated nothing");
+    assert!(
+        md2.blocks() >= md.blocks() + 2048,
+        "KEEP_SIZE allocated nothing"
+    );
     // Punch a hole in written data: it reads zero and the blocks go.
     let data = pattern(13, 0, 1 << 20);
     f.write_all_at(&data, 0).unwrap();
@@ -160,7 +176,10 @@ fn fallocate_modes_and_seek_data_hole() {
     );
     let back = read_at(&f, 0, 1 << 20);
     assert_eq!(back[..100_000], data[..100_000]);
-    assert!(back[100_000..400_000].iter().all(|&b| b == 0), "punched range not zero");
+    assert!(
+        back[100_000..400_000].iter().all(|&b| b == 0),
+        "punched range not zero"
+    );
     assert_eq!(back[400_000..], data[400_000..]);
     // Punching without KEEP_SIZE is invalid.
     assert_eq!(
@@ -178,8 +197,14 @@ fn fallocate_modes_and_seek_data_hole() {
     assert_eq!(lseek(&g, 8192, libc::SEEK_DATA), Ok(1 << 20));
     assert_eq!(lseek(&g, 100_000, libc::SEEK_DATA), Ok(1 << 20));
     assert_eq!(lseek(&g, 1 << 20, libc::SEEK_HOLE), Ok((1 << 20) + 8192));
-    assert_eq!(lseek(&g, (1 << 20) + 8192, libc::SEEK_DATA), Err(libc::ENXIO));
-    assert_eq!(lseek(&g, (1 << 20) + 9000, libc::SEEK_HOLE), Err(libc::ENXIO));
+    assert_eq!(
+        lseek(&g, (1 << 20) + 8192, libc::SEEK_DATA),
+        Err(libc::ENXIO)
+    );
+    assert_eq!(
+        lseek(&g, (1 << 20) + 9000, libc::SEEK_HOLE),
+        Err(libc::ENXIO)
+    );
     drop(g);
     m.finish();
 }
@@ -187,9 +212,8 @@ fn fallocate_modes_and_seek_data_hole() {
 fn copy_file_range(a: &File, off_a: u64, b: &File, off_b: u64, len: usize) -> Result<usize, i32> {
     let (mut oa, mut ob) = (off_a as i64, off_b as i64);
     // SAFETY: valid descriptors and offset pointers.
-    let r = unsafe {
-        libc::copy_file_range(a.as_raw_fd(), &mut oa, b.as_raw_fd(), &mut ob, len, 0)
-    };
+    let r =
+        unsafe { libc::copy_file_range(a.as_raw_fd(), &mut oa, b.as_raw_fd(), &mut ob, len, 0) };
     check(r).map(|n| n as usize)
 }
 
@@ -202,8 +226,8 @@ fn copy_file_range_between_and_within_files() {
     let dst = rw(&m.p("dst"));
     let mut done = 0;
     while done < src_data.len() {
-        let n = copy_file_range(&src, done as u64, &dst, done as u64, src_data.len() - done)
-            .unwrap();
+        let n =
+            copy_file_range(&src, done as u64, &dst, done as u64, src_data.len() - done).unwrap();
         assert!(n > 0);
         done += n;
     }
@@ -253,7 +277,12 @@ impl Map {
                 0,
             )
         };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         Map {
             ptr: ptr.cast(),
             len,
@@ -292,7 +321,10 @@ fn mmap_shared_and_private() {
         map.slice().copy_from_slice(&data);
         map.msync();
         // read() through another descriptor sees it.
-        assert!(fs::read(&p).unwrap() == data, "MAP_SHARED write not visible to read()");
+        assert!(
+            fs::read(&p).unwrap() == data,
+            "MAP_SHARED write not visible to read()"
+        );
     }
     {
         let mut map = Map::new(&f, len, libc::MAP_PRIVATE);

@@ -63,7 +63,18 @@ fn tree_survives_remount() {
     let mut rng = Rng::new(seed);
     let mut m = Mount::new();
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let sizes = [0usize, 1, 4095, 4096, 4097, 65_536, 100_001, 1 << 20, 3 << 20, 5 << 20 | 17];
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        4096,
+        4097,
+        65_536,
+        100_001,
+        1 << 20,
+        3 << 20,
+        5 << 20 | 17,
+    ];
     fs::create_dir_all(m.p("a/b/c")).unwrap();
     fs::create_dir(m.p("d")).unwrap();
     for (i, &size) in sizes.iter().enumerate() {
@@ -106,13 +117,19 @@ fn tree_survives_remount() {
     assert_eq!(r, 0);
     for (i, name) in contents.keys().enumerate() {
         let t = 1_600_000_000 + i as i64;
-        set_times(&m.p(name), (t, 111_111_111 + i as i64), (t + 7, 999_000_000 + i as i64));
+        set_times(
+            &m.p(name),
+            (t, 111_111_111 + i as i64),
+            (t + 7, 999_000_000 + i as i64),
+        );
     }
     set_times(&m.p("sym"), (5, 5), (6, 6));
 
     let all_paths: Vec<String> = walk(m.path());
-    let metas: BTreeMap<String, Meta> =
-        all_paths.iter().map(|p| (p.clone(), meta(&m.p(p)))).collect();
+    let metas: BTreeMap<String, Meta> = all_paths
+        .iter()
+        .map(|p| (p.clone(), meta(&m.p(p))))
+        .collect();
     let xattrs: BTreeMap<String, Vec<(String, Vec<u8>)>> = all_paths
         .iter()
         .map(|p| {
@@ -162,9 +179,15 @@ fn tree_survives_remount() {
             fs::read_link(m.p("d/longsym")).unwrap().to_string_lossy(),
             long_target
         );
-        assert_eq!(fs::read_link(m.p("sym")).unwrap().to_string_lossy(), "a/b/c/file3");
+        assert_eq!(
+            fs::read_link(m.p("sym")).unwrap().to_string_lossy(),
+            "a/b/c/file3"
+        );
         assert_eq!(lstat(&m.p("file0")).st_nlink, 3);
-        assert_eq!(meta(&m.p("a/b/file2")).mtime.1 % 1_000_000_000 / 1_000_000, 999);
+        assert_eq!(
+            meta(&m.p("a/b/file2")).mtime.1 % 1_000_000_000 / 1_000_000,
+            999
+        );
     }
     m.finish();
 }
@@ -177,7 +200,12 @@ fn walk(root: &Path) -> Vec<String> {
         for e in fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
             let path = e.path();
-            out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            out.push(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             if e.file_type().unwrap().is_dir() {
                 stack.push(path);
             }
@@ -194,7 +222,10 @@ fn empty_image_survives_many_remounts() {
         fs::write(m.p(&format!("gen{i}")), format!("{i}")).unwrap();
         m.remount();
         for j in 0..=i {
-            assert_eq!(fs::read_to_string(m.p(&format!("gen{j}"))).unwrap(), j.to_string());
+            assert_eq!(
+                fs::read_to_string(m.p(&format!("gen{j}"))).unwrap(),
+                j.to_string()
+            );
         }
     }
     let size = lstat(&m.p("gen0")).st_size;
@@ -205,6 +236,9 @@ fn empty_image_survives_many_remounts() {
     m.unmount();
     let info = info(m.image());
     assert!(info.contains("clean"), "{info}");
-    assert!(info.contains("mount count:  5") || info.contains("mount count:  6"), "{info}");
+    assert!(
+        info.contains("mount count:  5") || info.contains("mount count:  6"),
+        "{info}"
+    );
     m.finish();
 }

@@ -344,7 +344,13 @@ pub fn lstat(p: &Path) -> libc::stat {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a valid out pointer.
     let r = unsafe { libc::lstat(c.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "lstat {}: {}", p.display(), io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "lstat {}: {}",
+        p.display(),
+        io::Error::last_os_error()
+    );
     st
 }
 
@@ -372,7 +378,9 @@ pub fn pattern_byte(seed: u64, off: u64) -> u8 {
 }
 
 pub fn pattern(seed: u64, off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| pattern_byte(seed, off + i)).collect()
+    (0..len as u64)
+        .map(|i| pattern_byte(seed, off + i))
+        .collect()
 }
 
 /// A seed from the environment (`MMAPFS_SEED`) or the clock; always printed.
