@@ -36,6 +36,28 @@ pub fn ftruncate(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
+/// `fallocate(2)` with `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: deallocate a range, which
+/// then reads as zeros.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let to_off =
+        |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG));
+    let (offset, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A memory mapping created with `mmap(2)` and removed with `munmap(2)` on drop.
 pub struct Mapping {
     base: NonNull<u8>,

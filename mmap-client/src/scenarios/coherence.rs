@@ -5,7 +5,9 @@
 //! mapping, `pwrite` and `pread` from forked processes with their own descriptors, checks via
 //! `pread` on a second descriptor, via the mapping and via a second read-only mapping, and
 //! `msync` with various flags. Every check compares with the model, so a stale page in either
-//! direction is caught, with the operation number and the file offset. The verify phase replays
+//! direction is caught, with the operation number and the file offset. Then a hole is punched
+//! (`fallocate(PUNCH_HOLE)`, unaligned end) under the live mappings, which must show zeros there
+//! at once, and the hole is partly written again through the mapping. The verify phase replays
 //! the model and checks the file after remount.
 
 use std::os::unix::fs::FileExt;
@@ -23,6 +25,17 @@ const FILE: &str = "coherence.dat";
 const SEED_INITIAL: u64 = 0x5EED_0901;
 const RNG_SEED: u64 = 0x5EED_0902;
 const OPS: usize = 400;
+const SEED_REFILL: u64 = 0x5EED_0903;
+
+/// The punched range: pages 10..12 plus 300 bytes.
+fn hole() -> (usize, usize) {
+    (10 * page_size(), 2 * page_size() + 300)
+}
+
+/// The range re-written through the mapping after the punch: half of page 10.
+fn refill() -> (usize, usize) {
+    (10 * page_size() + 1000, page_size() / 2)
+}
 
 fn file_len() -> usize {
     64 * page_size() + 1234
@@ -113,7 +126,15 @@ fn final_model() -> Vec<u8> {
     for op in operations() {
         apply(&mut model, op);
     }
+    apply_hole(&mut model);
     model
+}
+
+fn apply_hole(model: &mut [u8]) {
+    let (start, len) = hole();
+    model[start..start + len].fill(0);
+    let (start, len) = refill();
+    pattern::fill(SEED_REFILL, start as u64, &mut model[start..start + len]);
 }
 
 /// Write phase: run the operation sequence.
@@ -214,6 +235,51 @@ pub fn write(dir: &Path) -> Outcome {
         Expect::Bytes(&model),
         "whole mapping after all operations",
     )?;
+
+    // Punch a hole under the live mappings, then write part of it again through the mapping.
+    let (start, size) = hole();
+    crate::sys::punch_hole(&file, start as u64, size as u64)
+        .ctx(|| format!("fallocate(PUNCH_HOLE) at {start}+{size}"))?;
+    expect_map(
+        &map,
+        start,
+        start as u64,
+        size,
+        Expect::Zero,
+        "mapping of a hole punched under it",
+    )?;
+    expect_map(
+        &second,
+        start,
+        start as u64,
+        size,
+        Expect::Zero,
+        "second mapping of a hole punched under it",
+    )?;
+    expect_file(
+        &reader,
+        start as u64,
+        size as u64,
+        Expect::Zero,
+        "read() of the punched hole",
+    )?;
+    let (refill_start, refill_len) = refill();
+    crate::check::store_pattern(
+        &map,
+        refill_start,
+        refill_start as u64,
+        refill_len,
+        SEED_REFILL,
+    );
+    apply_hole(&mut model);
+    expect_file(
+        &reader,
+        start as u64,
+        size as u64,
+        Expect::Bytes(&model[start..start + size]),
+        "read() of the hole after stores into it",
+    )?;
+
     expect_file(
         &reader,
         0,
