@@ -143,10 +143,11 @@ fn fsck(image: &Path, repair: bool) -> ExitCode {
             for r in &report.repaired {
                 println!("repaired: {r}");
             }
-            if repair && report.problems.is_empty() {
-                if let Err(e) = engine.close_clean() {
-                    return fail(format!("{}: {e}", image.display()));
-                }
+            if repair
+                && report.problems.is_empty()
+                && let Err(e) = engine.close_clean()
+            {
+                return fail(format!("{}: {e}", image.display()));
             }
             for p in &report.problems {
                 println!("problem: {p}");

@@ -258,6 +258,7 @@ pub fn name_hash(seed: u64, name: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::FromZeros;
 
     #[test]
     fn tree_packing_round_trips() {

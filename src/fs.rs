@@ -388,7 +388,7 @@ impl Fs {
         if size < old {
             let keep_blocks = size.div_ceil(BLOCK_SIZE);
             self.engine.punch_blocks(rec, keep_blocks, u64::MAX)?;
-            if size % BLOCK_SIZE != 0 {
+            if !size.is_multiple_of(BLOCK_SIZE) {
                 self.engine
                     .zero_range(ino, rec, size, BLOCK_SIZE - size % BLOCK_SIZE)?;
             }
@@ -809,10 +809,10 @@ impl Fs {
             return Ok(f(&[]));
         }
         let len = u64::from(size).min(fsize - off);
-        if let DataRun::Mapped(b) = self.engine.data_run(&rec, off, len)? {
-            if b.len() as u64 == len {
-                return Ok(f(b));
-            }
+        if let DataRun::Mapped(b) = self.engine.data_run(&rec, off, len)?
+            && b.len() as u64 == len
+        {
+            return Ok(f(b));
         }
         let buf = self.read_into_vec(&rec, off, len)?;
         Ok(f(&buf))

@@ -90,6 +90,7 @@ impl Image {
     }
 
     /// Current length of the image in bytes.
+    #[allow(clippy::len_without_is_empty)] // an image is never empty
     pub fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire) as u64
     }
@@ -146,7 +147,7 @@ impl Image {
     }
 
     fn atomic_u64(&self, off: u64) -> io::Result<&AtomicU64> {
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unaligned 8-byte slot at {off}"),
@@ -179,7 +180,7 @@ impl Image {
         if new_len <= old {
             return Ok(());
         }
-        if new_len > self.reserved as u64 || new_len % PAGE_SIZE != 0 {
+        if new_len > self.reserved as u64 || !new_len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         let fd = self.file.as_raw_fd();

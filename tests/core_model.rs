@@ -273,10 +273,10 @@ fn apply(h: &mut Harness, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
                     r.unwrap();
                     if m.names.get(NAMES[to]) != Some(&id) {
                         m.names.remove(NAMES[from]);
-                        if let Some(old) = m.names.insert(NAMES[to].into(), id) {
-                            if !m.names.values().any(|&v| v == old) {
-                                m.files.remove(&old);
-                            }
+                        if let Some(old) = m.names.insert(NAMES[to].into(), id)
+                            && !m.names.values().any(|&v| v == old)
+                        {
+                            m.files.remove(&old);
                         }
                     }
                 }

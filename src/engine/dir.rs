@@ -142,15 +142,16 @@ impl Engine {
                         "directory index points past end: {off}"
                     )));
                 }
-                if let Some((h, n)) = self.read_record(dir, off)? {
-                    if h.ino.get() != 0 && n == name {
-                        return Ok(Some(Found {
-                            ino: h.ino.get(),
-                            kind: h.kind,
-                            offset: off,
-                            slot: idx,
-                        }));
-                    }
+                if let Some((h, n)) = self.read_record(dir, off)?
+                    && h.ino.get() != 0
+                    && n == name
+                {
+                    return Ok(Some(Found {
+                        ino: h.ino.get(),
+                        kind: h.kind,
+                        offset: off,
+                        slot: idx,
+                    }));
                 }
             }
             idx = (idx + 1) & (cap - 1);

@@ -150,6 +150,23 @@ fn read_superblock(file: &mut File, path: &str) -> std::result::Result<Superbloc
     Ok(sb)
 }
 
+/// How long `open` waits for the image lock: `fusermount3 -u` returns before the daemon has
+/// flushed and exited, so a remount right after an unmount must wait for it briefly.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn lock_with_grace(file: &File) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        if image::try_lock_exclusive(file)? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// How `open` treats the image.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
@@ -167,16 +184,17 @@ impl Engine {
             path: p.clone(),
             source,
         };
-        if let Ok(md) = std::fs::metadata(path) {
-            if md.len() > 0 && !force {
-                return Err(OpenError::Io {
-                    path: p.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "exists and is not empty (use --force to overwrite)",
-                    ),
-                });
-            }
+        if let Ok(md) = std::fs::metadata(path)
+            && md.len() > 0
+            && !force
+        {
+            return Err(OpenError::Io {
+                path: p.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "exists and is not empty (use --force to overwrite)",
+                ),
+            });
         }
         let size = size / BLOCK_SIZE * BLOCK_SIZE;
         let file = OpenOptions::new()
@@ -299,7 +317,7 @@ impl Engine {
         if !file.metadata().map_err(io_err)?.is_file() {
             return Err(io_err(io::Error::other("not a regular file")));
         }
-        if !image::try_lock_exclusive(&file).map_err(io_err)? {
+        if !lock_with_grace(&file).map_err(io_err)? {
             return Err(OpenError::Busy(p));
         }
         let sb = read_superblock(&mut file, &p)?;

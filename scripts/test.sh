@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every test: formatting and lints, unit and model tests, the mounted integration suite,
+# pjdfstest, the mmap integration scripts, and a quick benchmark run.
+#   scripts/test.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+need_fuse || exit 1
+need_cmd cc gcc
+
+passed=0
+failed=0
+failures=()
+stage() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local start=$SECONDS
+    if "$@"; then
+        echo "=== $name: ok ($((SECONDS - start)) s)"
+        passed=$((passed + 1))
+    else
+        echo "=== $name: FAILED ($((SECONDS - start)) s)"
+        failed=$((failed + 1))
+        failures+=("$name")
+    fi
+}
+
+stage fmt cargo fmt --all -- --check
+stage clippy cargo clippy --release --workspace --all-targets -- -D warnings
+stage cargo-test cargo test --release --workspace
+stage pjdfstest bash scripts/pjdfstest.sh
+stage integration bash scripts/integration.sh
+stage bench-quick bash scripts/bench.sh --quick
+
+[ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
+echo "stages: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
