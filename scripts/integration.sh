@@ -343,7 +343,8 @@ run_step() {
         note "$name $phase: ok ($((SECONDS - start)) s)"
         return 0
     fi
-    reason=$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)
+    # The failing process's one-line message, preceded by up to two lines from its helpers.
+    reason=$(grep -v '^[[:space:]]*$' "$log" | tail -n 3 | awk 'NR > 1 { printf " // " } { printf "%s", $0 }')
     if ((rc == 124 || rc == 137)); then
         reason="timed out after ${STEP_TIMEOUT} s${reason:+ (last output: $reason)}"
     fi

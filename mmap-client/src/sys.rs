@@ -58,6 +58,28 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// When running as root, switch this process to `uid`/`gid` with no supplementary groups
+/// (used in forked children only). Does nothing for a non-root caller.
+pub fn drop_root_privileges(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    // SAFETY: setgroups reads 0 entries from a null list; setgid/setuid take plain integers.
+    let rc = unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 {
+            -1
+        } else {
+            libc::setuid(uid)
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A memory mapping created with `mmap(2)` and removed with `munmap(2)` on drop.
 pub struct Mapping {
     base: NonNull<u8>,

@@ -6,8 +6,12 @@
 //!   `mprotect(PROT_WRITE)` of a read-only shared mapping of it; `MAP_PRIVATE` writable is allowed.
 //! - Any mapping of an `O_WRONLY` descriptor fails with `EACCES`.
 //! - A non page-aligned offset fails with `EINVAL`, as does a zero length.
+//! - Write-back carries no credentials: an unprivileged process (uid 65534 when the client runs
+//!   as root) maps its own file writable, closes the descriptor, makes the file read-only
+//!   (`chmod 0400`), and its later stores and `msync(MS_SYNC)` must still succeed and reach the file.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::check::{
@@ -19,6 +23,9 @@ use crate::sys::{ChildEnd, Mapping, page_size, run_in_child, signal_name};
 const FILE: &str = "protection.dat";
 const SEED: u64 = 0x5EED_0701;
 const SEED_PRIVATE: u64 = 0x5EED_0702;
+const SEED_UNPRIVILEGED: u64 = 0x5EED_0703;
+const UNPRIVILEGED_DIR: &str = "unprivileged";
+const NOBODY: u32 = 65534;
 
 fn expect_errno(
     result: std::io::Result<Mapping>,
@@ -140,5 +147,54 @@ pub fn run(dir: &Path) -> Outcome {
         "EINVAL",
         "mmap of length 0",
     )?;
-    Ok(())
+    write_back_after_chmod(dir)
+}
+
+/// The unprivileged child's part: stores into a mapping of a file made read-only after mapping.
+///
+/// It works inside `dir` (entered before dropping privileges) with a relative path, so the
+/// directories above need not be searchable by the unprivileged user.
+fn store_after_chmod(dir: &Path, name: &str, len: usize) -> Outcome {
+    std::env::set_current_dir(dir).ctx(|| format!("chdir {}", dir.display()))?;
+    crate::sys::drop_root_privileges(NOBODY, NOBODY).ctx(|| "drop privileges to uid 65534")?;
+    let path = Path::new(name);
+    let file = create_fresh(path)?;
+    crate::sys::ftruncate(&file, len as u64).ctx(|| "ftruncate")?;
+    let map = Mapping::shared_rw(&file, 0, len).ctx(|| "mmap(MAP_SHARED)")?;
+    drop(file);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400)).ctx(|| "chmod 0400")?;
+    store_pattern(&map, 0, 0, len, SEED_UNPRIVILEGED);
+    map.msync(libc::MS_SYNC).ctx(
+        || "msync(MS_SYNC) of stores into a file made read-only after mapping (as uid 65534)",
+    )?;
+    map.unmap().ctx(|| "munmap")
+}
+
+fn write_back_after_chmod(dir: &Path) -> Outcome {
+    let len = 4 * page_size();
+    let sub = dir.join(UNPRIVILEGED_DIR);
+    std::fs::create_dir_all(&sub).ctx(|| format!("mkdir {}", sub.display()))?;
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).ctx(|| "chmod 1777")?;
+    let name = "read-only-after-mapping.dat";
+    let path = sub.join(name);
+    let end = run_in_child(|| match store_after_chmod(&sub, name, len) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("unprivileged process: {err}");
+            3
+        }
+    })
+    .ctx(|| "fork")?;
+    ensure!(
+        end == ChildEnd::Exited(0),
+        "unprivileged process storing after chmod 0400 {end}"
+    );
+    let file = open_ro(&path)?;
+    expect_file(
+        &file,
+        0,
+        len as u64,
+        Expect::Pattern(SEED_UNPRIVILEGED),
+        "read() of stores made after chmod 0400",
+    )
 }
