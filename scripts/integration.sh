@@ -22,7 +22,7 @@ CLIENT=$TARGET_DIR/release/mmap-client
 MMAPFS=$TARGET_DIR/release/mmapfs
 
 ALL_SCENARIOS=(shared private ipc fork eof sigbus protection grow coherence hints many-files exec stream
-    sqlite lmdb git fio)
+    unlinked sqlite lmdb git fio)
 
 MODES=()
 SELECTED=()
@@ -365,7 +365,7 @@ setup_exec_dir() {  # dir: copy the probe program, library and /bin/true onto th
 write_phase() {  # name dir
     local name=$1 dir=$2
     case $name in
-        shared | private | eof | grow | coherence | hints | many-files)
+        shared | private | eof | grow | coherence | hints | many-files | unlinked)
             run_step "$name" write "$CLIENT" "$name-write" "$dir" ;;
         ipc | fork | sigbus | protection)
             run_step "$name" run "$CLIENT" "$name" "$dir" ;;
@@ -384,7 +384,7 @@ write_phase() {  # name dir
 verify_phase() {  # name dir
     local name=$1 dir=$2
     case $name in
-        shared | private | grow | coherence | hints | many-files)
+        shared | private | grow | coherence | hints | many-files | unlinked)
             run_step "$name" verify "$CLIENT" "$name-verify" "$dir" ;;
         eof)
             if ((REMOUNTED)); then

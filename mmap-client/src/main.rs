@@ -164,6 +164,16 @@ const SUBCOMMANDS: &[Subcommand] = &[
         "12. ... whole file after remount",
         Run::DirMib(stream::verify),
     ),
+    cmd(
+        "unlinked-write",
+        "13. mappings outlive unlink and rename-over",
+        Run::Dir(unlinked::write),
+    ),
+    cmd(
+        "unlinked-verify",
+        "13. ... only the renamed file left after remount",
+        Run::Dir(unlinked::verify),
+    ),
     hidden(
         "ipc-peer",
         "FILE: second process of `ipc`",

@@ -15,6 +15,7 @@
 //! |10 | `many-files-write` / `many-files-verify` | 300 files mapped at once                     |
 //! |11 | `exec`                                | `PROT_EXEC`: run a binary, `dlopen` a library   |
 //! |12 | `stream` / `stream-verify`            | reader never sees a wrong byte while a writer grows the file |
+//! |13 | `unlinked-write` / `unlinked-verify`  | mappings outlive unlink and rename-over         |
 
 pub mod coherence;
 pub mod eof;
@@ -29,6 +30,7 @@ pub mod protection;
 pub mod shared;
 pub mod sigbus;
 pub mod stream;
+pub mod unlinked;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
