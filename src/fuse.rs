@@ -57,21 +57,19 @@ fn to_system_time(t: Time) -> SystemTime {
     }
 }
 
-fn from_system_time(t: SystemTime) -> Time {
+/// Decodes a time received from fuser. fuser 0.18 builds a pre-epoch kernel time
+/// `(secs < 0, nsec)` as `EPOCH - (|secs| s + nsec ns)` (see its `system_time_from_time`), so the
+/// distance before the epoch carries `|secs|` and `nsec` unchanged: undo exactly that.
+fn from_request_time(t: SystemTime) -> Time {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => Time {
             sec: d.as_secs() as i64,
             nsec: d.subsec_nanos(),
         },
-        Err(e) => {
-            let d = e.duration();
-            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
-            if nsec > 0 {
-                sec -= 1;
-                nsec = 1_000_000_000 - nsec;
-            }
-            Time { sec, nsec }
-        }
+        Err(e) => Time {
+            sec: -(e.duration().as_secs() as i64),
+            nsec: e.duration().subsec_nanos(),
+        },
     }
 }
 
@@ -117,7 +115,7 @@ fn ctx(req: &Request) -> Ctx {
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(s) => SetTime::At(from_system_time(s)),
+        TimeOrNow::SpecificTime(s) => SetTime::At(from_request_time(s)),
     }
 }
 
@@ -213,7 +211,7 @@ impl Filesystem for FuseAdapter {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
-            ctime: ctime.map(from_system_time),
+            ctime: ctime.map(from_request_time),
         };
         match self.fs.setattr(ino.0, &s) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),

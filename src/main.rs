@@ -10,5 +10,26 @@ fn main() -> ExitCode {
     )
     .format_timestamp_millis()
     .init();
-    mmapfs::cli::run(mmapfs::cli::Cli::parse())
+    match mmapfs::cli::Cli::try_parse() {
+        Ok(cli) => mmapfs::cli::run(cli),
+        Err(e) if e.use_stderr() => {
+            // One line: clap's first paragraph names the bad argument and why.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = first.join(" ");
+            eprintln!(
+                "mmapfs: {} (see mmapfs --help)",
+                line.trim_start_matches("error: ")
+            );
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            e.print().ok();
+            ExitCode::SUCCESS
+        }
+    }
 }
