@@ -141,7 +141,10 @@ stop_daemon() {
 }
 
 force_unmount() {
-    [[ -n $MNT ]] && mountpoint -q "$MNT" 2>/dev/null || { stop_daemon; return 0; }
+    if [[ -z $MNT ]] || ! mountpoint -q "$MNT" 2>/dev/null; then
+        stop_daemon
+        return 0
+    fi
     if [[ $MODE == mmapfs ]]; then
         fusermount3 -u "$MNT" 2>/dev/null || umount "$MNT" 2>/dev/null || fusermount3 -uz "$MNT" 2>/dev/null ||
             umount -l "$MNT" 2>/dev/null
@@ -193,8 +196,10 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
 
-need_command() {  # command package
-    command -v "$1" >/dev/null 2>&1 || apt_install "$2" || { echo "cannot install $2 (for $1)" >&2; exit 2; }
+need_command() {  # command package...
+    local cmd=$1
+    shift
+    command -v "$cmd" >/dev/null 2>&1 || apt_install "$@" || { echo "cannot install $* (for $cmd)" >&2; exit 2; }
 }
 
 wants() { [[ " ${SELECTED[*]} " == *" $1 "* ]]; }
@@ -205,7 +210,7 @@ setup_tools() {
     [[ " ${MODES[*]} " == *" mmapfs "* ]] && need_command fusermount3 fuse3
     wants fio && need_command fio fio
     wants git && need_command git git
-    wants exec && need_command gcc gcc
+    wants exec && need_command gcc gcc libc6-dev
     wants sqlite && need_command sqlite3 sqlite3
     wants lmdb && need_command mdb_stat lmdb-utils
     PYTHON=""
@@ -253,15 +258,13 @@ build() {  # mode -> 0 when everything that mode needs is built
     fi
 }
 
-# The exec scenario's library and program, compiled once per run.
-PROBE_DIR=""
+# The exec scenario's library and program, compiled into the work directory.
 compile_probe() {
-    [[ -n $PROBE_DIR ]] && return 0
-    PROBE_DIR=$WORK/probe
-    mkdir -p "$PROBE_DIR"
-    gcc -O2 -shared -fPIC -o "$PROBE_DIR/libmmapfsprobe.so" "$HELPERS/probe_lib.c" &&
-        gcc -O2 -o "$PROBE_DIR/probe-bin" "$HELPERS/probe_main.c" -L"$PROBE_DIR" -lmmapfsprobe \
-            -Wl,-rpath,'$ORIGIN' -ldl
+    local out=$WORK/probe
+    mkdir -p "$out"
+    # shellcheck disable=SC2016 # '$ORIGIN' is for the dynamic loader, not the shell
+    gcc -O2 -shared -fPIC -o "$out/libmmapfsprobe.so" "$HELPERS/probe_lib.c" &&
+        gcc -O2 -o "$out/probe-bin" "$HELPERS/probe_main.c" -L"$out" -lmmapfsprobe -Wl,-rpath,'$ORIGIN' -ldl
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ client() { "$CLIENT" "$@"; }
 
 setup_exec_dir() {  # dir: copy the probe program, library and /bin/true onto the mount
     compile_probe || { echo "gcc failed to build the probe library/program"; return 1; }
-    timeout 60 cp "$PROBE_DIR/libmmapfsprobe.so" "$PROBE_DIR/probe-bin" "$1/" &&
+    timeout 60 cp "$WORK/probe/libmmapfsprobe.so" "$WORK/probe/probe-bin" "$1/" &&
         timeout 60 cp "$(readlink -f /bin/true)" "$1/true"
 }
 
@@ -418,7 +421,6 @@ run_mode() {
     WORK_DIRS+=("$WORK")
     MNT=$WORK/mnt
     IMG=$WORK/image.mmapfs
-    PROBE_DIR=""
     REMOUNTED=0
     mkdir -p "$WORK/logs" "$MNT"
     note "mode $MODE, work dir $WORK"

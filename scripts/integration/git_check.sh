@@ -62,7 +62,7 @@ write_file() {  # index, generation
 }
 
 write() {
-    local dir=$1 repo=$1/repo i c
+    local repo=$1/repo i c
     rm -rf "$repo"
     g init -q "$repo" || fail "git init"
     cd "$repo"
