@@ -357,8 +357,6 @@ run_step() {
     return 1
 }
 
-client() { "$CLIENT" "$@"; }
-
 setup_exec_dir() {  # dir: copy the probe program, library and /bin/true onto the mount
     compile_probe || { echo "gcc failed to build the probe library/program"; return 1; }
     timeout 60 cp "$WORK/probe/libmmapfsprobe.so" "$WORK/probe/probe-bin" "$1/" &&
@@ -430,7 +428,7 @@ run_mode() {
 
     if ! build "$WORK/logs/build.log"; then
         [[ $MODE == mmapfs ]] && record_fail build "$BUILD_ERROR"
-        fail_all "not run: build failed"
+        fail_all "not run: $BUILD_ERROR"
         return
     fi
     if [[ $MODE == mmapfs ]]; then
