@@ -436,3 +436,68 @@ fn seek_past_eof_and_read_zero() {
     drop(f);
     m.finish();
 }
+
+#[test]
+fn preallocation_shrink_and_zero_range() {
+    let m = Mount::new();
+    let f = rw(&m.p("pa"));
+    f.write_all_at(&[0x55; 100_000], 0).unwrap();
+    fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 1 << 20).unwrap();
+    // Shrinking drops the preallocated blocks; growing again reads zeros.
+    f.set_len(50_000).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let d = read_at(&f, 0, 1 << 20);
+    assert!(d[..50_000].iter().all(|&b| b == 0x55));
+    assert!(
+        d[50_000..].iter().all(|&b| b == 0),
+        "stale data after shrink+grow"
+    );
+    // A write past EOF into preallocated space leaves zeros in the gap.
+    f.set_len(1000).unwrap();
+    fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 1 << 20).unwrap();
+    f.write_all_at(b"B", 500_000).unwrap();
+    let d = read_at(&f, 0, 500_001);
+    assert!(d[1000..500_000].iter().all(|&b| b == 0));
+    assert_eq!(d[500_000], b'B');
+    drop(f);
+    // FALLOC_FL_ZERO_RANGE inside data and across EOF.
+    let g = rw(&m.p("zr"));
+    g.write_all_at(&[b'q'; 1 << 20], 0).unwrap();
+    fallocate(&g, libc::FALLOC_FL_ZERO_RANGE, 100, 200).unwrap();
+    fallocate(&g, libc::FALLOC_FL_ZERO_RANGE, 8192, 3 * 4096).unwrap();
+    let d = read_at(&g, 0, 6 * 4096);
+    assert!(d[..100].iter().all(|&b| b == b'q'));
+    assert!(d[100..300].iter().all(|&b| b == 0));
+    assert!(d[300..8192].iter().all(|&b| b == b'q'));
+    assert!(d[8192..5 * 4096].iter().all(|&b| b == 0));
+    assert!(d[5 * 4096..].iter().all(|&b| b == b'q'));
+    fallocate(&g, libc::FALLOC_FL_ZERO_RANGE, (1 << 20) - 10, 100).unwrap();
+    assert_eq!(g.metadata().unwrap().len(), (1 << 20) + 90);
+    assert!(read_at(&g, (1 << 20) - 10, 100).iter().all(|&b| b == 0));
+    drop(g);
+    m.finish();
+}
+
+#[test]
+fn mmap_shared_between_processes() {
+    let m = Mount::new();
+    let p = m.p("ipc");
+    fs::write(&p, vec![0u8; 8192]).unwrap();
+    let f = rw(&p);
+    let mut map = Map::new(&f, 8192, libc::MAP_SHARED);
+    // Another process writes through write(2); the mapping sees it at once (same page cache).
+    let out = run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "printf 'from-another-process' | dd of={} bs=1 seek=4096 conv=notrunc status=none",
+        p.display()
+    )));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(&map.slice()[4096..4116], b"from-another-process");
+    // And what the mapping stores is what another process reads.
+    map.slice()[..5].copy_from_slice(b"hello");
+    map.msync();
+    let out = run(std::process::Command::new("head").args(["-c", "5"]).arg(&p));
+    assert_eq!(out.stdout, b"hello");
+    drop(map);
+    drop(f);
+    m.finish();
+}

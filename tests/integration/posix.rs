@@ -901,3 +901,49 @@ fn readdir_100k_entries() {
     eprintln!("100k entries: create {:?}, list {:?}", created, t.elapsed());
     m.finish();
 }
+
+#[test]
+fn readdir_while_creating_and_deleting() {
+    let m = Mount::new();
+    let dir = m.p("busy");
+    fs::create_dir(&dir).unwrap();
+    let old: HashSet<String> = (0..3000).map(|i| format!("old{i}")).collect();
+    for n in &old {
+        mknod_file(&dir.join(n));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (dir, stop) = (dir.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                mknod_file(&dir.join(format!("new{i}")));
+                if i >= 2 && i % 3 == 0 {
+                    fs::remove_file(dir.join(format!("new{}", i - 2))).unwrap();
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    // Entries neither created nor removed during the listing appear exactly once.
+    let mut seen = Vec::new();
+    for e in fs::read_dir(&dir).unwrap() {
+        seen.push(e.unwrap().file_name().to_string_lossy().into_owned());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let created = churn.join().unwrap();
+    let olds: Vec<&String> = seen.iter().filter(|n| n.starts_with("old")).collect();
+    let set: HashSet<&String> = seen.iter().collect();
+    assert_eq!(
+        set.len(),
+        seen.len(),
+        "duplicates while the directory changed"
+    );
+    assert_eq!(
+        olds.len(),
+        3000,
+        "stable entries lost or repeated ({created} created meanwhile)"
+    );
+    m.finish();
+}
