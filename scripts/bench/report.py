@@ -299,6 +299,9 @@ def markdown(doc, meta, fs_a, fs_b, standin):
         out.append(f"mmapfs image after the run: {int(meta['image_bytes']) / MIB:.0f} MiB "
                    f"({int(meta['image_disk_bytes']) / MIB:.0f} MiB allocated on disk).")
         out.append("")
+    if meta.get("daemon_killed") == "yes":
+        out.append("**The mmapfs daemon did not exit after unmount and was killed (SIGKILL) before fsck.**")
+        out.append("")
     if "fsck" in meta:
         out.append(f"fsck of the image after unmount: {meta['fsck']}.")
         out.append("")
