@@ -23,6 +23,8 @@ usage: scripts/bench.sh [options]
   --tmpfs-size SIZE     size= of the tmpfs (default 4G, --quick: 512M)
   --threads N           mmapfs mount --threads N
   -o OPTS               mmapfs mount -o OPTS
+  --bdi KEY=VALUE       after mounting, write VALUE to /sys/class/bdi/<dev>/KEY of the mmapfs mount
+                        (repeatable; e.g. --bdi strict_limit=0 --bdi max_ratio=20 --bdi read_ahead_kb=1024)
   --job-timeout SECS    kill a workload after SECS (default 300, --quick: 60)
   --results DIR         parent of the results folders (default: <repo>/results)
   --no-build            do not run cargo build --release
@@ -42,7 +44,7 @@ die() {
 
 # ---------------------------------------------------------------- options
 QUICK=0 REPS="" ONLY="" LIST=0 IMAGE_DIR="" IMAGE_SIZE="" TMPFS_SIZE="" THREADS="" MOUNT_OPTS=""
-JOB_TIMEOUT="" RESULTS_BASE=$REPO/results BUILD=1 KEEP=0 FS_UNDER_TEST=mmapfs
+JOB_TIMEOUT="" BDI_SETTINGS=() RESULTS_BASE=$REPO/results BUILD=1 KEEP=0 FS_UNDER_TEST=mmapfs
 while (($#)); do
     case $1 in
     --quick) QUICK=1 ;;
@@ -54,6 +56,7 @@ while (($#)); do
     --tmpfs-size) TMPFS_SIZE=$2; shift ;;
     --threads) THREADS=$2; shift ;;
     -o) MOUNT_OPTS=$2; shift ;;
+    --bdi) BDI_SETTINGS+=("$2"); shift ;;
     --job-timeout) JOB_TIMEOUT=$2; shift ;;
     --results) RESULTS_BASE=$2; shift ;;
     --no-build) BUILD=0 ;;
@@ -128,50 +131,61 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
 fi
 
 # ---------------------------------------------------------------- temp dirs, mounts, cleanup
-STAMP=$(date -u +%Y%m%d-%H%M%S)
-RESULTS=$RESULTS_BASE/bench-$STAMP
-RAW=$RESULTS/raw
-mkdir -p "$RAW"
-TMP=$(mktemp -d /var/tmp/mmapfs-bench.XXXXXX)
-if [[ -z $IMAGE_DIR ]]; then
-    IMAGE_DIR=$TMP/image
-fi
-mkdir -p "$IMAGE_DIR"
-IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
-IMAGE=$IMAGE_DIR/bench-$STAMP.img
-TOOLS=$TMP/tools
-export BENCH_TOOLS=$TOOLS
-mkdir -p "$TOOLS" "$TMP/mnt-tmpfs" "$TMP/mnt-fut"
-
+TMP="" IMAGE="" IMAGE_DIR_CREATED=0
 FS_NAMES=(tmpfs mmapfs) # A, B: the labels in the results
-MNT_A=$TMP/mnt-tmpfs
-MNT_B=$TMP/mnt-fut
-MOUNTED_A=0 MOUNTED_B=0 FUSE_CONN=""
+MNT_A="" MNT_B=""
+MOUNTED_A=0 MOUNTED_B=0 FUSE_CONN="" DAEMON_PID=""
 declare -A DEAD=()
 
-daemon_pids() {
-    # The mmapfs daemon we started is the process that holds the image open.
-    local p fd
-    for p in /proc/[0-9]*; do
-        for fd in "$p"/fd/*; do
-            if [[ $(readlink "$fd" 2>/dev/null) == "$IMAGE" ]]; then
-                echo "${p#/proc/}"
-                break
-            fi
-        done
+# The pid of the mmapfs daemon we started: the process that holds the image open (found once, after mount).
+find_daemon_pid() {
+    { find /proc/[0-9]*/fd -maxdepth 1 -lname "$IMAGE" 2>/dev/null || true; } | awk -F/ '{ print $3 }' | sort -u | head -n 1
+}
+daemon_alive() {
+    [[ -n $DAEMON_PID && -r /proc/$DAEMON_PID/cmdline ]] && tr '\0' ' ' <"/proc/$DAEMON_PID/cmdline" | grep -qF -- "$IMAGE"
+}
+
+# The mount table, read without touching the mounted filesystem (a stat of a hung FUSE mount blocks).
+is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo; }
+
+# run_bounded SECS CMD...: run CMD, give up after SECS without waiting for it (a process blocked in a
+# FUSE request the daemon already read cannot be killed until the connection is aborted). 124 = gave up.
+run_bounded() {
+    local secs=$1 pid i
+    shift
+    "$@" >/dev/null 2>&1 &
+    pid=$!
+    for ((i = 0; i < secs * 10; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid"
+            return
+        fi
+        sleep 0.1
     done
+    return 124
+}
+
+abort_fuse() {
+    if [[ -n $FUSE_CONN && -e /sys/fs/fuse/connections/$FUSE_CONN/abort ]]; then
+        log "aborting FUSE connection $FUSE_CONN"
+        echo 1 >"/sys/fs/fuse/connections/$FUSE_CONN/abort" || true
+    fi
 }
 
 unmount_one() {
     local mnt=$1 fuse=$2
-    mountpoint -q "$mnt" || return 0
-    if timeout 60 umount "$mnt" 2>/dev/null; then return 0; fi
-    if ((fuse)) && timeout 30 fusermount3 -u "$mnt" 2>/dev/null; then return 0; fi
-    log "unmount of $mnt failed; forcing"
-    if ((fuse)) && [[ -n $FUSE_CONN && -e /sys/fs/fuse/connections/$FUSE_CONN/abort ]]; then
-        echo 1 >"/sys/fs/fuse/connections/$FUSE_CONN/abort" || true
+    # (the exit status of a background job is not reliable inside an EXIT trap: look at the mount table)
+    is_mounted "$mnt" || return 0
+    run_bounded 60 umount "$mnt" || true
+    is_mounted "$mnt" || return 0
+    if ((fuse)); then
+        run_bounded 30 fusermount3 -u "$mnt" || true
+        is_mounted "$mnt" || return 0
     fi
-    umount -l "$mnt" 2>/dev/null || true
+    log "unmount of $mnt failed; forcing"
+    if ((fuse)); then abort_fuse; fi
+    run_bounded 30 umount "$mnt" || true
+    is_mounted "$mnt" && { run_bounded 30 umount -l "$mnt" || true; }
     return 1
 }
 
@@ -185,32 +199,57 @@ cleanup() {
     if ((MOUNTED_B)); then
         unmount_one "$MNT_B" "$([[ $FS_UNDER_TEST == mmapfs ]] && echo 1 || echo 0)" || true
     fi
-    if [[ $FS_UNDER_TEST == mmapfs && -e $IMAGE ]]; then
-        local i pids
-        for ((i = 0; i < 20; i++)); do
-            pids=$(daemon_pids)
-            [[ -z $pids ]] && break
-            sleep 0.5
+    if daemon_alive; then
+        local i
+        for ((i = 0; i < 40; i++)); do
+            daemon_alive || break
+            sleep 0.25
         done
-        if [[ -n $pids ]]; then
-            log "mmapfs daemon still running after unmount: killing pid(s) $pids"
-            # shellcheck disable=SC2086
-            kill -9 $pids 2>/dev/null || true
+        if daemon_alive; then
+            log "mmapfs daemon (pid $DAEMON_PID) still running after unmount: killing it"
+            kill -CONT "$DAEMON_PID" 2>/dev/null || true
+            kill -KILL "$DAEMON_PID" 2>/dev/null || true
         fi
     fi
     if ((KEEP)); then
         log "kept $TMP (image: $IMAGE)"
     else
-        rm -rf "$TMP"
-        rm -f "$IMAGE"
+        if [[ -n $IMAGE ]]; then rm -f "$IMAGE"; fi
+        if ((IMAGE_DIR_CREATED)); then rmdir "$IMAGE_DIR" 2>/dev/null || true; fi
+        if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
     fi
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RESULTS=$RESULTS_BASE/bench-$STAMP
+RAW=$RESULTS/raw
+mkdir -p "$RAW"
+TMP=$(mktemp -d /var/tmp/mmapfs-bench.XXXXXX)
+if [[ -z $IMAGE_DIR ]]; then
+    IMAGE_DIR=$TMP/image
+fi
+if [[ ! -d $IMAGE_DIR ]]; then
+    mkdir -p "$IMAGE_DIR"
+    IMAGE_DIR_CREATED=1
+fi
+IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
+IMAGE=$IMAGE_DIR/bench-$STAMP.img
+TOOLS=$TMP/tools
+export BENCH_TOOLS=$TOOLS
+mkdir -p "$TOOLS" "$TMP/mnt-tmpfs" "$TMP/mnt-fut"
+MNT_A=$TMP/mnt-tmpfs
+MNT_B=$TMP/mnt-fut
+
+
 mount -t tmpfs -o "size=$TMPFS_SIZE" tmpfs "$MNT_A"
 MOUNTED_A=1
+# fusectl (/sys/fs/fuse/connections) lets us abort a hung FUSE connection.
+if [[ $FS_UNDER_TEST == mmapfs ]] && ! is_mounted /sys/fs/fuse/connections; then
+    mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || log "warning: could not mount fusectl"
+fi
 if [[ $FS_UNDER_TEST == mmapfs ]]; then
     log "mkfs $IMAGE --size $IMAGE_SIZE"
     timeout 120 "$MMAPFS" mkfs "$IMAGE" --size "$IMAGE_SIZE" >&2 || die "mmapfs mkfs failed"
@@ -222,12 +261,14 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
     MOUNTED_B=1
     timeout 60 "${mount_cmd[@]}" >&2 || die "mmapfs mount failed"
     for ((i = 0; i < 50; i++)); do
-        mountpoint -q "$MNT_B" && break
+        is_mounted "$MNT_B" && break
         sleep 0.1
     done
-    mountpoint -q "$MNT_B" || die "mmapfs mount returned but $MNT_B is not a mount point"
+    is_mounted "$MNT_B" || die "mmapfs mount returned but $MNT_B is not a mount point"
     FSTYPE_B=$(findmnt -n -o FSTYPE "$MNT_B" || echo "?")
-    FUSE_CONN=$(mountpoint -d "$MNT_B" | cut -d: -f2)
+    DAEMON_PID=$(find_daemon_pid)
+    log "mmapfs daemon pid: ${DAEMON_PID:-not found}"
+    FUSE_CONN=$(awk -v m="$MNT_B" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1 | cut -d: -f2)
 else
     FS_NAMES=(tmpfs tmpfs-standin)
     mount -t tmpfs -o "size=$TMPFS_SIZE" tmpfs "$MNT_B"
@@ -235,7 +276,13 @@ else
     FSTYPE_B=tmpfs
 fi
 mkdir -p "$MNT_A/bench" "$MNT_B/bench"
-DEV_B=$(mountpoint -d "$MNT_B")
+DEV_B=$(awk -v m="$MNT_B" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1)
+for kv in "${BDI_SETTINGS[@]}"; do
+    [[ $kv =~ ^[a-z_]+=[0-9]+$ ]] || die "--bdi wants KEY=NUMBER, got '$kv'"
+    [[ -w /sys/class/bdi/$DEV_B/${kv%%=*} ]] || die "no writable /sys/class/bdi/$DEV_B/${kv%%=*}"
+    log "bdi $DEV_B: ${kv%%=*} <- ${kv#*=}"
+    echo "${kv#*=}" >"/sys/class/bdi/$DEV_B/${kv%%=*}" || die "could not set bdi ${kv%%=*}=${kv#*=}"
+done
 
 # ---------------------------------------------------------------- machine and configuration
 META=$RESULTS/meta.txt
@@ -275,6 +322,7 @@ META=$RESULTS/meta.txt
     echo "sql_mmap=$BENCH_SQL_MMAP"
     echo "git_files=$GIT_FILES"
     echo "bdi_dev=$DEV_B"
+    echo "bdi_set=${BDI_SETTINGS[*]:-none}"
     if [[ -d /sys/class/bdi/$DEV_B ]]; then
         for f in /sys/class/bdi/"$DEV_B"/*; do
             [[ -f $f && -r $f ]] || continue
@@ -283,6 +331,7 @@ META=$RESULTS/meta.txt
     else
         echo "bdi.none=no /sys/class/bdi/$DEV_B (no per-mount backing device)"
     fi
+    echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "vm.dirty_ratio=$(cat /proc/sys/vm/dirty_ratio)"
     echo "vm.dirty_background_ratio=$(cat /proc/sys/vm/dirty_background_ratio)"
 } >"$META"
@@ -315,7 +364,7 @@ python3 "$HELPERS/mkrepo.py" "$GIT_FILES" "$TOOLS/gitsrc"
 # ---------------------------------------------------------------- run
 fs_healthy() {
     local mnt=$1
-    mountpoint -q "$mnt" && timeout 15 stat "$mnt/bench" >/dev/null 2>&1 && timeout 15 ls "$mnt/bench" >/dev/null 2>&1
+    is_mounted "$mnt" && run_bounded 15 stat "$mnt/bench" && run_bounded 15 ls "$mnt/bench"
 }
 
 FAILURES=0
@@ -330,13 +379,14 @@ run_one() {
     fi
     t0=$(date +%s%N)
     rc=0
-    timeout -k 10 "$JOB_TIMEOUT" "$HELPERS/workload.sh" "$wl" "$mnt/bench" "$out" 2>"$out.log" || rc=$?
+    python3 "$HELPERS/runjob.py" "$JOB_TIMEOUT" "$HELPERS/workload.sh" "$wl" "$mnt/bench" "$out" 2>"$out.log" || rc=$?
     t1=$(date +%s%N)
     local secs
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", (b - a) / 1e9}')
     if ((rc != 0)) || [[ ! -s $out.json ]]; then
         local why="exit status $rc"
-        ((rc == 124 || rc == 137)) && why="timed out after ${JOB_TIMEOUT}s"
+        ((rc == 124)) && why="timed out after ${JOB_TIMEOUT}s"
+        ((rc == 125)) && why="left processes that cannot be killed"
         {
             echo "$why"
             tail -n 20 "$out.log"
@@ -346,6 +396,8 @@ run_one() {
         if ! fs_healthy "$mnt"; then
             DEAD[$side]="$wl rep $rep"
             log "$fs at $mnt is not healthy any more: skipping its remaining workloads"
+            # Free the processes blocked in it (they cannot be killed otherwise).
+            if [[ $side == B && $FS_UNDER_TEST == mmapfs ]]; then abort_fuse; fi
         fi
     else
         log "$wl on $fs (rep $rep): ${secs}s"
@@ -376,9 +428,23 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
     if unmount_one "$MNT_B" 1; then
         MOUNTED_B=0
         for ((i = 0; i < 40; i++)); do
-            [[ -z $(daemon_pids) ]] && break
+            daemon_alive || break
             sleep 0.25
         done
+        if daemon_alive; then
+            log "mmapfs daemon (pid $DAEMON_PID) did not exit 10 s after unmount: killing it (fsck then checks crash consistency)"
+            echo "daemon_killed=yes" >>"$META"
+            kill -CONT "$DAEMON_PID" 2>/dev/null || true
+            kill -KILL "$DAEMON_PID" 2>/dev/null || true
+            for ((i = 0; i < 40; i++)); do
+                daemon_alive || break
+                sleep 0.25
+            done
+            FAILURES=$((FAILURES + 1))
+        fi
+        echo "image_bytes=$(stat -c %s "$IMAGE")" >>"$META"
+        echo "image_disk_bytes=$(($(stat -c %b "$IMAGE") * $(stat -c %B "$IMAGE")))" >>"$META"
+        timeout 60 "$MMAPFS" info "$IMAGE" >"$RAW/info.log" 2>&1 || true
         if timeout 300 "$MMAPFS" fsck "$IMAGE" >"$RAW/fsck.log" 2>&1; then
             echo "fsck=ok" >>"$META"
         else
@@ -393,6 +459,7 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
 else
     unmount_one "$MNT_B" 0 && MOUNTED_B=0
 fi
+echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$META"
 echo "elapsed_s=$(awk -v n="$BENCH_NS" 'BEGIN {printf "%.1f", n / 1e9}')" >>"$META"
 
 # ---------------------------------------------------------------- report

@@ -248,7 +248,8 @@ def markdown(doc, meta, fs_a, fs_b, standin):
     out.append("")
     out.append(f"Machine: {meta.get('cpu')}, {meta.get('nproc')} CPUs, {meta.get('mem_total')}, "
                f"kernel {meta.get('kernel')}, {meta.get('fio_version')}, sqlite {meta.get('sqlite_version')}, "
-               f"git {meta.get('git_version')}.")
+               f"git {meta.get('git_version')}. Load average at start {meta.get('loadavg_start')}, "
+               f"at end {meta.get('loadavg_end')} (other processes on the machine skew the figures).")
     out.append("")
     out.append(f"mmapfs image in `{meta.get('image_dir')}` ({meta.get('image_dir_fs')}), mkfs --size "
                f"{meta.get('image_size')}; mount threads {meta.get('mount_threads')}, -o {meta.get('mount_opts')}; "
