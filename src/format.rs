@@ -132,10 +132,16 @@ pub struct Inode {
     /// Directories: which of the two index areas holds the index (0 or 1).
     pub dir_hash_area: U32,
     pub flags: U32,
-    pub reserved: [u8; 84],
+    /// Kernel references while mounted: `(mount epoch << 32) | count`, updated atomically in
+    /// place and excluded from the checksum; a count from another epoch means 0.
+    pub kernel_refs: U64,
+    pub reserved: [u8; 76],
     pub checksum: U32,
 }
 const _: () = assert!(size_of::<Inode>() == INODE_SIZE as usize);
+/// Byte offset of `Inode::kernel_refs` inside a record.
+pub const INODE_REFS_OFFSET: usize = 168;
+const _: () = assert!(std::mem::offset_of!(Inode, kernel_refs) == INODE_REFS_OFFSET);
 
 /// Header of one directory entry record; the name follows, the record is padded to 8 bytes.
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -207,13 +213,19 @@ impl Superblock {
     }
 }
 
+/// crc32c of an inode record, skipping the checksum and the in-place `kernel_refs` field.
+pub fn inode_checksum(bytes: &[u8]) -> u32 {
+    let c = crc32c::crc32c(&bytes[..INODE_REFS_OFFSET]);
+    crc32c::crc32c_append(c, &bytes[INODE_REFS_OFFSET + 8..bytes.len() - 4])
+}
+
 impl Inode {
     pub fn seal(&mut self) {
-        let c = record_checksum(self.as_bytes());
+        let c = inode_checksum(self.as_bytes());
         self.checksum = c.into();
     }
     pub fn checksum_ok(&self) -> bool {
-        record_checksum(self.as_bytes()) == self.checksum.get()
+        inode_checksum(self.as_bytes()) == self.checksum.get()
     }
     pub fn is_free(&self) -> bool {
         self.mode.get() == 0

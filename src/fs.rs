@@ -8,7 +8,7 @@
 //! and freed at unmount at the latest. After a crash, recovery frees it (it is unreachable).
 //! Locks: see `engine` (no stripe is taken while another is held, except through `lock_many`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use parking_lot::Mutex;
 
@@ -118,8 +118,6 @@ const READDIR_BATCH: usize = 256;
 
 pub struct Fs {
     engine: Engine,
-    /// Kernel references per inode (lookups minus forgets); bounded by the kernel's inode cache.
-    lookups: Mutex<HashMap<u64, u64>>,
     /// Unlinked inodes the kernel still references (open files); bounded by open files.
     orphans: Mutex<HashSet<u64>>,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
@@ -201,7 +199,6 @@ impl Fs {
     pub fn new(engine: Engine) -> Fs {
         Fs {
             engine,
-            lookups: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashSet::new()),
             rename_lock: Mutex::new(()),
         }
@@ -221,7 +218,6 @@ impl Fs {
                 self.engine.free_inode(ino, &mut rec)?;
             }
         }
-        self.lookups.lock().clear();
         self.engine.close_clean()
     }
 
@@ -233,31 +229,27 @@ impl Fs {
         Ok(rec)
     }
 
-    fn add_lookup(&self, ino: u64) {
-        *self.lookups.lock().entry(ino).or_insert(0) += 1;
+    /// The kernel gained a reference to `ino` (an entry reply). Counted in the inode record.
+    fn add_lookup(&self, ino: u64) -> Result<()> {
+        self.engine.add_kernel_refs(ino, 1).map(|_| ())
     }
 
-    fn is_referenced(&self, ino: u64) -> bool {
-        self.lookups.lock().get(&ino).is_some_and(|&n| n > 0)
+    fn is_referenced(&self, ino: u64) -> Result<bool> {
+        Ok(self.engine.kernel_refs(ino)? > 0)
     }
 
     /// The kernel dropped `n` references to `ino`; frees it if it was unlinked.
     pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
-        {
-            let mut l = self.lookups.lock();
-            match l.get_mut(&ino) {
-                Some(c) if *c > n => {
-                    *c -= n;
-                    return Ok(());
-                }
-                Some(_) => {
-                    l.remove(&ino);
-                }
-                None => return Ok(()),
-            }
-        }
         let _g = self.engine.lock_write(ino);
-        if self.is_referenced(ino) {
+        let left = match self
+            .engine
+            .add_kernel_refs(ino, -(n.min(i64::MAX as u64) as i64))
+        {
+            Ok(left) => left,
+            Err(Error::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if left > 0 {
             return Ok(());
         }
         let mut rec = match self.engine.read_inode(ino) {
@@ -281,7 +273,7 @@ impl Fs {
             rec.nlink = 0.into();
         }
         if rec.nlink.get() == 0 {
-            if self.is_referenced(ino) {
+            if self.is_referenced(ino)? {
                 self.orphans.lock().insert(ino);
             } else {
                 return self.engine.free_inode(ino, rec);
@@ -308,7 +300,7 @@ impl Fs {
                 }
             };
             // Counted while the entry is locked, so the inode cannot be freed before we reply.
-            self.add_lookup(ino);
+            self.add_lookup(ino)?;
             ino
         };
         match self.getattr(ino) {
@@ -487,7 +479,7 @@ impl Fs {
             dir.nlink = (dir.nlink.get() + 1).into();
         }
         self.engine.write_inode(parent, &mut dir)?;
-        self.add_lookup(ino);
+        self.add_lookup(ino)?;
         Ok(attr_of(ino, &rec))
     }
 
@@ -555,7 +547,7 @@ impl Fs {
         set_mtime_ctime(&mut dir, t);
         self.engine.write_inode(ino, &mut rec)?;
         self.engine.write_inode(newparent, &mut dir)?;
-        self.add_lookup(ino);
+        self.add_lookup(ino)?;
         Ok(attr_of(ino, &rec))
     }
 
@@ -898,7 +890,7 @@ impl Fs {
                 })?;
                 if plus {
                     for e in &batch {
-                        self.add_lookup(e.ino);
+                        self.add_lookup(e.ino)?;
                     }
                 }
             }

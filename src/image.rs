@@ -30,9 +30,15 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Largest address range reserved for one image; the first that the kernel grants is used.
 const RESERVE_CANDIDATES: [usize; 4] = [1 << 44, 1 << 42, 1 << 40, 1 << 38];
 
+/// Environment variable naming a "power-loss shadow" file (a test hook): every range flushed by
+/// [`Image::sync_range`] is also copied there, so at any moment the shadow holds exactly what a
+/// power loss could be guaranteed to leave on disk: the bytes that were msync'd.
+pub const SHADOW_ENV: &str = "MMAPFS_POWERLOSS_SHADOW";
+
 /// A memory-mapped image file whose base address never moves.
 pub struct Image {
     file: File,
+    shadow: Option<Mutex<File>>,
     base: *mut u8,
     reserved: usize,
     len: AtomicUsize,
@@ -78,8 +84,13 @@ impl Image {
                 last_err = io::Error::last_os_error();
                 continue;
             }
+            let shadow = match std::env::var_os(SHADOW_ENV) {
+                Some(path) => Some(Mutex::new(shadow_file(&path, &file)?)),
+                None => None,
+            };
             return Ok(Image {
                 file,
+                shadow,
                 base: ptr.cast::<u8>(),
                 reserved,
                 len: AtomicUsize::new(len),
@@ -172,6 +183,20 @@ impl Image {
         Ok(())
     }
 
+    /// Atomically replaces a little-endian u64 slot with `f(old)`; returns the new value.
+    pub fn update_u64(&self, off: u64, mut f: impl FnMut(u64) -> u64) -> io::Result<u64> {
+        let slot = self.atomic_u64(off)?;
+        let mut cur = slot.load(Ordering::Acquire);
+        loop {
+            let new = f(u64::from_le(cur));
+            match slot.compare_exchange_weak(cur, new.to_le(), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(new),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
     /// Grows the image file to `new_len` bytes: host space is allocated first, so a full disk is
     /// an `ENOSPC` error here instead of a `SIGBUS` later.
     pub fn grow(&self, new_len: u64) -> io::Result<()> {
@@ -215,6 +240,12 @@ impl Image {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+        if let Some(shadow) = &self.shadow {
+            use std::os::unix::fs::FileExt;
+            let shadow = shadow.lock();
+            shadow.set_len(self.len().max(shadow.metadata()?.len()))?;
+            shadow.write_all_at(self.bytes(start, (end - start) as usize)?, start)?;
+        }
         Ok(())
     }
 
@@ -236,6 +267,20 @@ impl Drop for Image {
         // any more because borrows are tied to `&self`.
         unsafe { libc::munmap(self.base.cast(), self.reserved) };
     }
+}
+
+/// Opens the shadow file, starting it as a copy of the image (what was on disk at open).
+fn shadow_file(path: &std::ffi::OsStr, image: &File) -> io::Result<File> {
+    let mut shadow = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let mut src = image.try_clone()?;
+    io::Seek::seek(&mut src, io::SeekFrom::Start(0))?;
+    io::copy(&mut src, &mut shadow)?;
+    Ok(shadow)
 }
 
 /// Takes an exclusive, non-blocking `flock` on the image file. Returns `Ok(false)` when another

@@ -192,17 +192,23 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
             entries.push(ent);
             Ok(true)
         });
+        let mut dir_changed = false;
         if let Err(err) = walk_result {
             w.problem(format!("directory {dino}: {err}"));
             if mode == Mode::Repair {
-                // Keep what could be read; the unreadable rest is dropped with the index.
-                e.punch_blocks(&mut dir, 0, u64::MAX).ok();
-                let parent = dir.parent.get();
-                e.dir_init(&mut dir, parent);
+                let cut = e.dir_salvage(&mut dir)?;
+                w.problem(format!(
+                    "directory {dino}: cut out {cut} damaged entry record(s)"
+                ));
                 entries.clear();
+                e.dir_for_each(&dir, 0, &mut |ent| {
+                    entries.push(ent);
+                    Ok(true)
+                })?;
+                e.dir_reindex(&mut dir)?;
+                dir_changed = true;
             }
         }
-        let mut dir_changed = false;
         let mut index_ok = dir.dir_live.get() == entries.len() as u64;
         for ent in &entries {
             match e.dir_find(&dir, &ent.name) {

@@ -21,6 +21,16 @@ const MIN_INDEX_SLOTS: u64 = BLOCK_SIZE / 8;
 /// Largest offset the 32-bit entry reference in an index slot can name.
 const ENTRIES_LIMIT: u64 = (u32::MAX as u64 - 1) * 8;
 
+/// Whether a record header at `in_block` is well formed (lengths fit the block and the name).
+fn plausible_record(h: &DirentHeader, in_block: u64) -> bool {
+    let rec_len = u64::from(h.rec_len.get());
+    let name_len = usize::from(h.name_len);
+    rec_len % 8 == 0
+        && name_len > 0
+        && rec_len >= dirent_rec_len(name_len)
+        && in_block + rec_len <= BLOCK_SIZE
+}
+
 /// One live directory entry.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -92,28 +102,23 @@ impl Engine {
         if in_block + DIRENT_HEADER_SIZE > BLOCK_SIZE {
             return Ok(None);
         }
+        // A block that was never written (or freed by an interrupted operation) holds nothing.
         let Some(hb) = self.dir_bytes(dir, off, DIRENT_HEADER_SIZE as usize)? else {
-            return Err(Error::corrupt(format!(
-                "directory entry block at {off} missing"
-            )));
+            return Ok(None);
         };
         let h = DirentHeader::read_from_bytes(hb).map_err(|_| Error::corrupt("dirent"))?;
         let rec_len = u64::from(h.rec_len.get());
         if rec_len == 0 {
             return Ok(None);
         }
-        let name_len = usize::from(h.name_len);
-        if rec_len % 8 != 0
-            || in_block + rec_len > BLOCK_SIZE
-            || rec_len < dirent_rec_len(name_len)
-            || name_len == 0
-        {
+        if !plausible_record(&h, in_block) {
             return Err(Error::corrupt(format!(
-                "directory entry at {off}: record length {rec_len}, name length {name_len}"
+                "directory entry at {off}: record length {rec_len}, name length {}",
+                h.name_len
             )));
         }
         let name = self
-            .dir_bytes(dir, off + DIRENT_HEADER_SIZE, name_len)?
+            .dir_bytes(dir, off + DIRENT_HEADER_SIZE, usize::from(h.name_len))?
             .ok_or_else(|| Error::corrupt("directory entry name"))?;
         Ok(Some((h, name)))
     }
@@ -324,6 +329,70 @@ impl Engine {
         dir.dir_hash_cap = 0.into();
         dir.dir_hash_used = 0.into();
         dir.dir_hash_area = 0.into();
+    }
+
+    /// Recovery: makes every block of the entry region parse. A damaged record is turned into a
+    /// deleted one reaching to the next plausible record of its block (or the block is ended
+    /// there), so the records around it survive. Returns how many damaged spots were cut out.
+    pub(super) fn dir_salvage(&self, dir: &mut Inode) -> Result<u64> {
+        let end = dir.dir_entries_end.get().min(DIR_ENTRIES_MAX);
+        let mut cut = 0;
+        for block in 0..end.div_ceil(BLOCK_SIZE) {
+            let base = block * BLOCK_SIZE;
+            let Some(bytes) = self.dir_bytes(dir, base, BLOCK_SIZE as usize)? else {
+                continue;
+            };
+            let bytes = bytes.to_vec();
+            let header_at = |p: u64| {
+                DirentHeader::read_from_bytes(&bytes[p as usize..(p + DIRENT_HEADER_SIZE) as usize])
+                    .ok()
+            };
+            let mut p = 0u64;
+            while p + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+                let Some(h) = header_at(p) else { break };
+                if h.rec_len.get() == 0 {
+                    break;
+                }
+                if plausible_record(&h, p) {
+                    p += u64::from(h.rec_len.get());
+                    continue;
+                }
+                cut += 1;
+                // Next 8-aligned offset holding a plausible record, far enough to leave room
+                // for a deleted record (header and a one-byte name).
+                let mut q = p + dirent_rec_len(1);
+                while q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+                    if header_at(q).is_some_and(|h| h.rec_len.get() != 0 && plausible_record(&h, q))
+                    {
+                        break;
+                    }
+                    q += 8;
+                }
+                let filler = if q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+                    DirentHeader {
+                        ino: 0.into(),
+                        hash: 0.into(),
+                        rec_len: ((q - p) as u16).into(),
+                        name_len: 1,
+                        kind: 0,
+                    }
+                } else {
+                    DirentHeader {
+                        ino: 0.into(),
+                        hash: 0.into(),
+                        rec_len: 0.into(),
+                        name_len: 0,
+                        kind: 0,
+                    }
+                };
+                self.dir_write(dir, base + p, filler.as_bytes())?;
+                if filler.rec_len.get() == 0 {
+                    break;
+                }
+                p = q;
+            }
+        }
+        Ok(cut)
     }
 
     /// Rebuilds a directory's index from its entry records (recovery).

@@ -70,6 +70,8 @@ pub struct Engine {
     itab_tree: AtomicU64,
     itab_slots: AtomicU64,
     hash_seed: u64,
+    /// Tags kernel reference counts with this mount, so stale counts need no reset scan.
+    epoch: u64,
     stripes: Box<[RwLock<()>]>,
     dirty: Mutex<DirtySet>,
 }
@@ -322,7 +324,8 @@ impl Engine {
         }
         let sb = read_superblock(&mut file, &p)?;
         let img = Image::map(file).map_err(io_err)?;
-        let engine = Engine {
+        let mut engine = Engine {
+            epoch: 0,
             itab_tree: AtomicU64::new(sb.itab_tree.get()),
             itab_slots: AtomicU64::new(sb.itab_slots.get()),
             hash_seed: sb.hash_seed.get(),
@@ -353,6 +356,8 @@ impl Engine {
                 })
                 .and_then(|_| engine.img.sync_range(0, BLOCK_SIZE).map_err(Error::Io))
                 .map_err(|e| OpenError::Corrupt(p.clone(), e.to_string()))?;
+            // Epoch 0 is never a mount's, so counts left by an old format read as 0.
+            engine.epoch = (engine.meta.lock().mount_count.get() & 0xffff_ffff).max(1);
         }
         Ok(engine)
     }
@@ -541,12 +546,38 @@ impl Engine {
         Ok(rec)
     }
 
+    /// Writes an inode record, all but `kernel_refs`, which is only changed in place.
     pub fn write_inode(&self, ino: u64, rec: &mut Inode) -> Result<()> {
         rec.seal();
         let off = self.inode_offset(ino)?;
-        self.img.write(off, rec.as_bytes())?;
+        let bytes = rec.as_bytes();
+        let after = INODE_REFS_OFFSET + 8;
+        self.img.write(off, &bytes[..INODE_REFS_OFFSET])?;
+        self.img.write(off + after as u64, &bytes[after..])?;
         self.mark_meta(off / BLOCK_SIZE);
         Ok(())
+    }
+
+    /// Adds `delta` to the kernel's reference count of `ino` (kept in the inode record, so the
+    /// daemon's heap does not grow with the inodes the kernel caches); returns the new count.
+    pub fn add_kernel_refs(&self, ino: u64, delta: i64) -> Result<u64> {
+        let off = self.inode_offset(ino)? + INODE_REFS_OFFSET as u64;
+        let epoch = self.epoch;
+        let v = self.img.update_u64(off, |old| {
+            let count = if old >> 32 == epoch {
+                old & 0xffff_ffff
+            } else {
+                0
+            };
+            let count = (count as i64 + delta).clamp(0, u32::MAX as i64) as u64;
+            (epoch << 32) | count
+        })?;
+        Ok(v & 0xffff_ffff)
+    }
+
+    /// The kernel's current reference count of `ino`.
+    pub fn kernel_refs(&self, ino: u64) -> Result<u64> {
+        self.add_kernel_refs(ino, 0)
     }
 
     /// Allocates and initialises a new inode; returns its number and record (already written).
