@@ -9,3 +9,4 @@ mod crash;
 mod data;
 mod persistence;
 mod posix;
+mod powerloss;

@@ -27,6 +27,8 @@ pub struct Mount {
     child: Option<Child>,
     /// A killed daemon's mount is still listed.
     dead: bool,
+    /// Extra environment for the daemon (test hooks).
+    env: Vec<(String, String)>,
 }
 
 impl Mount {
@@ -55,9 +57,15 @@ impl Mount {
             options: options.iter().map(|s| s.to_string()).collect(),
             child: None,
             dead: false,
+            env: Vec::new(),
         };
         m.mount();
         m
+    }
+
+    /// Sets an environment variable for the daemon from the next `mount()` on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// Mounts a copy of an existing image.
@@ -118,6 +126,7 @@ impl Mount {
         if !self.options.is_empty() {
             cmd.arg("-o").arg(self.options.join(","));
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg(&self.image)
             .arg(&self.mnt)
             .stdin(Stdio::null())
