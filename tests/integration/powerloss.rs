@@ -11,6 +11,9 @@ use crate::common::{Mount, Rng, pattern, seed};
 
 const SHADOW_ENV: &str = "MMAPFS_POWERLOSS_SHADOW";
 
+/// A file fsync'd during the run: name, pattern seed, length.
+type Synced = (String, u64, usize);
+
 #[test]
 fn every_fsynced_file_survives_power_loss_at_any_fsync() {
     let seed = seed("every_fsynced_file_survives_power_loss_at_any_fsync");
@@ -24,9 +27,8 @@ fn every_fsynced_file_survives_power_loss_at_any_fsync() {
     fs::create_dir(m.p("keep")).unwrap();
     fs::create_dir(m.p("scratch")).unwrap();
 
-    // (snapshot path, files fsync'd before it: name, pattern seed, length)
-    let mut snapshots: Vec<(std::path::PathBuf, Vec<(String, u64, usize)>)> = Vec::new();
-    let mut synced: Vec<(String, u64, usize)> = Vec::new();
+    let mut snapshots: Vec<(std::path::PathBuf, Vec<Synced>)> = Vec::new();
+    let mut synced: Vec<Synced> = Vec::new();
     for i in 0..60 {
         // Unsynced churn around the synced files: creates, overwrites, renames, unlinks.
         for j in 0..rng.below(6) {
@@ -62,7 +64,7 @@ fn every_fsynced_file_survives_power_loss_at_any_fsync() {
     m.finish();
 
     for (snap, files) in snapshots {
-        let mut r = Mount::from_image(&snap);
+        let r = Mount::from_image(&snap);
         for (name, pseed, len) in &files {
             let got = fs::read(r.p(name)).unwrap_or_else(|e| {
                 panic!(
