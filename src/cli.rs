@@ -47,7 +47,8 @@ enum Verb {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: u16,
         /// Mount options: ro, noexec, nosuid, nodev, noatime, writeback_cache,
-        /// no_writeback_cache, no_readdirplus, fsname=NAME, or any kernel FUSE option.
+        /// no_writeback_cache, no_readdirplus, fsname=NAME, read_ahead_kb=N, max_ratio=N,
+        /// strict_limit=0|1, max_bytes=N (backing-device settings), or any kernel FUSE option.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
         image: PathBuf,
@@ -260,6 +261,7 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         writeback_cache: false,
         readdirplus: true,
     };
+    let mut bdi: Vec<(&'static str, String)> = Vec::new();
     let canon_image = image.canonicalize().unwrap_or_else(|_| image.to_path_buf());
     let mut mount_options = vec![
         fuser::MountOption::FSName(format!("mmapfs:{}", canon_image.display())),
@@ -282,10 +284,22 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
             "atime" => mount_options.push(fuser::MountOption::Atime),
             "noatime" => mount_options.push(fuser::MountOption::NoAtime),
             "allow_other" | "default_permissions" => {}
-            other => match other.strip_prefix("fsname=") {
-                Some(name) => mount_options[0] = fuser::MountOption::FSName(name.into()),
-                None => mount_options.push(fuser::MountOption::CUSTOM(other.into())),
-            },
+            other => {
+                if let Some(name) = other.strip_prefix("fsname=") {
+                    mount_options[0] = fuser::MountOption::FSName(name.into());
+                    continue;
+                }
+                if let Some((key, value)) = other.split_once('=') {
+                    if let Some(&knob) = BDI_KNOBS.iter().find(|k| **k == key) {
+                        if value.parse::<u64>().is_err() {
+                            return fail(format!("mount option {other}: expected a number"));
+                        }
+                        bdi.push((knob, value.to_string()));
+                        continue;
+                    }
+                }
+                mount_options.push(fuser::MountOption::CUSTOM(other.into()));
+            }
         }
     }
     let mut config = fuser::Config::default();
@@ -303,6 +317,9 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         Ok(s) => s,
         Err(e) => return fail(format!("cannot mount on {}: {e}", mp.display())),
     };
+    if let Err(e) = tune_bdi(&mp, &bdi) {
+        log::warn!("cannot apply backing-device settings: {e}");
+    }
     let mut unmounter = session.unmount_callable();
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -332,6 +349,32 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
             mp.display()
         )),
     }
+}
+
+/// Per-mount backing-device settings the `-o` options may set (files in /sys/class/bdi/DEV/):
+/// readahead size, and the dirty-page limit the kernel imposes on FUSE mounts (a strict 1%).
+const BDI_KNOBS: [&str; 4] = ["read_ahead_kb", "max_ratio", "strict_limit", "max_bytes"];
+
+/// Writes backing-device settings of the mount at `mp`. The device is found in
+/// /proc/self/mountinfo, not by stat(), which would wait for this very daemon to answer.
+fn tune_bdi(mp: &Path, settings: &[(&str, String)]) -> Result<(), String> {
+    if settings.is_empty() {
+        return Ok(());
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let target = mp.to_string_lossy();
+    let dev = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*target))
+        .filter_map(|l| l.split(' ').nth(2))
+        .next_back()
+        .ok_or("mount not found in /proc/self/mountinfo")?;
+    for (knob, value) in settings {
+        let path = format!("/sys/class/bdi/{dev}/{knob}");
+        std::fs::write(&path, value).map_err(|e| format!("{path}: {e}"))?;
+        log::info!("{path} = {value}");
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {
