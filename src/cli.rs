@@ -257,6 +257,10 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    // Writeback cache stays opt-in: with it, SEEK_DATA/SEEK_HOLE and st_blocks only see data the
+    // kernel has written back, and the kernel's mtime can differ from the one persisted
+    // (integration tests data::fallocate_modes_and_seek_data_hole, data::sparse_file_at_one_tib,
+    // posix::chmod_chown_and_nanosecond_times fail with it on).
     let mut kopts = KernelOptions {
         writeback_cache: false,
         readdirplus: true,

@@ -16,10 +16,10 @@ use fuser::{
 use crate::error::Error;
 use crate::fs::{Attr, Ctx, FileKind, Fs, SetAttr, SetTime, Time};
 
-/// How long the kernel may cache attributes and entries. Every change goes through this mount
-/// (the image is locked exclusively), so the kernel's cache can only be stale about changes the
-/// kernel itself made and already accounted for.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and entries, including negative entries. Every
+/// change goes through this mount (the image is locked exclusively) and the kernel invalidates
+/// what its own requests change, so its cache cannot go stale behind its back.
+const TTL: Duration = Duration::from_secs(60);
 /// Largest write request (the kernel's limit here is 1 MiB = 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -105,6 +105,26 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
@@ -133,8 +153,9 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Error>) {
     }
 }
 
-/// Open replies keep the page cache: nothing changes the file behind the kernel's back.
-const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+/// Open replies keep the page cache (nothing changes the file behind the kernel's back) and
+/// skip FLUSH on close (data is in the mapping when a write returns; flush has nothing to do).
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -170,7 +191,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            // Inode 0 with a timeout: the kernel caches the name as absent.
+            Err(Error::NotFound) => reply.entry(&TTL, &negative_entry(), Generation(0)),
+            r => reply_entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
