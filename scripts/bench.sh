@@ -464,7 +464,7 @@ echo "elapsed_s=$(awk -v n="$BENCH_NS" 'BEGIN {printf "%.1f", n / 1e9}')" >>"$ME
 
 # ---------------------------------------------------------------- report
 python3 "$HELPERS/report.py" "$RESULTS" "${WORKLOADS[@]}" || {
-    log "report.py failed"
+    log "report.py found runs with unusable output (or failed itself)"
     FAILURES=$((FAILURES + 1))
 }
 rm -rf "$RESULTS_BASE/latest"

@@ -5,7 +5,8 @@
 
 RESULTS_DIR holds meta.txt (key=value lines written by bench.sh) and raw/<workload>.<fs>.<rep>.json
 (fio JSON output, or the JSON of fsops / the sqlite and git steps) or .failed (why it did not run).
-Prints the Markdown table on stdout. Exit status 0 (failures are reported, bench.sh decides the exit status).
+Prints the Markdown table on stdout. Exit status 0, or 1 when a run that exited 0 left output that reports an
+error (e.g. fio's per-job "error") or cannot be parsed; the other failures are counted by bench.sh.
 
 Every figure is the median over the repetitions that ran. The ratio is always "fraction of tmpfs speed"
 (higher is better, 1.0 = as fast as tmpfs): under_test/tmpfs for throughputs, tmpfs/under_test for
@@ -165,6 +166,7 @@ def main():
     standin = meta.get("fs_under_test") != "mmapfs"
 
     metrics, failures = [], []
+    unparsable = 0
     for wl in workloads:
         specs = METRICS[wl]
         vals = {fs: [[] for _ in specs] for fs in (fs_a, fs_b)}
@@ -180,6 +182,7 @@ def main():
                     got = [spec[3](doc) for spec in specs]
                 except (OSError, ValueError, KeyError, ZeroDivisionError, TypeError) as e:
                     failures.append({"workload": wl, "fs": fs, "rep": rep, "reason": f"unparsable output: {e!r}"})
+                    unparsable += 1
                     continue
                 for i, v in enumerate(got):
                     vals[fs][i].append(v)
@@ -231,6 +234,10 @@ def main():
     with open(os.path.join(results, "chart.svg"), "w") as f:
         f.write(chart(metrics, meta, fs_a, fs_b, standin))
     sys.stdout.write(md)
+    if unparsable:
+        print(f"report.py: {unparsable} run(s) exited 0 but their output reports an error or cannot be read",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def markdown(doc, meta, fs_a, fs_b, standin):
