@@ -330,6 +330,7 @@ impl Fs {
                 return Err(Error::Invalid);
             }
             self.truncate(ino, &mut rec, size)?;
+            self.engine.mark_structural(ino);
             set_mtime_ctime(&mut rec, t);
             changed = true;
         }
@@ -823,14 +824,15 @@ impl Fs {
         let r = self.engine.write_data(ino, &mut rec, off, data);
         if r.is_ok() && end > rec.size.get() {
             rec.size = end.into();
+            self.engine.mark_structural(ino);
         }
         set_mtime_ctime(&mut rec, now_time());
         self.engine.write_inode(ino, &mut rec)?;
         r.map(|_| data.len() as u32)
     }
 
-    pub fn fsync(&self, ino: u64) -> Result<()> {
-        self.engine.sync_inode(ino)
+    pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        self.engine.sync_inode(ino, datasync)
     }
 
     /// Lists a directory from cookie `offset`. `emit` returns false when the reply is full.
@@ -994,6 +996,7 @@ impl Fs {
                 rec.size = end.into();
             }
         }
+        self.engine.mark_structural(ino);
         let t = now_time();
         if mode & FALLOC_KEEP_SIZE == 0 || punch {
             set_mtime_ctime(&mut rec, t);
@@ -1070,6 +1073,7 @@ impl Fs {
         if end_out > dst.size.get() {
             dst.size = end_out.into();
         }
+        self.engine.mark_structural(ino_out);
         set_mtime_ctime(&mut dst, now_time());
         self.engine.write_inode(ino_out, &mut dst)?;
         Ok(len)

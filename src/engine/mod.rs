@@ -61,6 +61,9 @@ struct DirtySet {
     meta: std::collections::HashSet<u64>,
     data: HashMap<u64, Vec<(u64, u64)>>,
     data_ranges: usize,
+    /// Inodes whose unflushed changes go beyond data and timestamps (allocation, size): even
+    /// fdatasync must flush metadata for them.
+    structural: std::collections::HashSet<u64>,
     overflow: bool,
 }
 
@@ -468,15 +471,34 @@ impl Engine {
         d.data_ranges += 1;
     }
 
-    /// fsync: flushes `ino`'s written data and all metadata written so far, not the whole image.
-    pub fn sync_inode(&self, ino: u64) -> Result<()> {
+    /// Records that `ino` changed beyond data and timestamps (blocks allocated or freed, size).
+    pub fn mark_structural(&self, ino: u64) {
+        let mut d = self.dirty.lock();
+        if d.structural.len() >= MAX_TRACKED_RANGES {
+            d.overflow = true;
+        } else {
+            d.structural.insert(ino);
+        }
+    }
+
+    /// fsync: flushes `ino`'s written data and the metadata written so far, not the whole image.
+    /// With `datasync` (fdatasync, msync), metadata is skipped when only timestamps of `ino`
+    /// changed: its data is then retrievable without it.
+    pub fn sync_inode(&self, ino: u64, datasync: bool) -> Result<()> {
         let (mut ranges, overflow) = {
             let mut d = self.dirty.lock();
             if d.overflow {
                 *d = DirtySet::default();
                 (Vec::new(), true)
             } else {
-                let mut r: Vec<(u64, u64)> = d.meta.drain().map(|b| (b, 1)).collect();
+                let structural = d.structural.remove(&ino);
+                let need_meta = !datasync || structural;
+                let mut r: Vec<(u64, u64)> = if need_meta {
+                    d.structural.clear();
+                    d.meta.drain().map(|b| (b, 1)).collect()
+                } else {
+                    Vec::new()
+                };
                 if let Some(data) = d.data.remove(&ino) {
                     d.data_ranges -= data.len();
                     r.extend(data);
@@ -496,9 +518,20 @@ impl Engine {
                 _ => merged.push((s, l)),
             }
         }
-        for (s, l) in merged {
-            self.img.sync_range(block_off(s), l * BLOCK_SIZE)?;
+        // All ranges are submitted at once, every range but the last is waited for, and the
+        // msync of the last one then commits the host filesystem's journal and flushes the
+        // device cache once for all.
+        let Some(&(last_start, last_len)) = merged.last() else {
+            return Ok(());
+        };
+        for &(s, l) in &merged {
+            self.img.start_write_back(block_off(s), l * BLOCK_SIZE)?;
         }
+        for &(s, l) in &merged[..merged.len() - 1] {
+            self.img.write_back_range(block_off(s), l * BLOCK_SIZE)?;
+        }
+        self.img
+            .sync_range(block_off(last_start), last_len * BLOCK_SIZE)?;
         Ok(())
     }
 
@@ -722,6 +755,9 @@ impl Engine {
                             .zero(tail_off, (run_end_byte - chunk_end) as usize)?;
                     }
                 }
+                if fresh {
+                    self.mark_structural(ino);
+                }
                 let src = &data[(pos - off) as usize..(chunk_end - off) as usize];
                 self.img.write(img_off, src)?;
                 self.mark_data(ino, run.start, run.len);
@@ -781,6 +817,7 @@ impl Engine {
                     self.img
                         .zero(block_off(run.start), (run.len * BLOCK_SIZE) as usize)?;
                     self.mark_data(ino, run.start, run.len);
+                    self.mark_structural(ino);
                 }
                 fblock += run.len;
             }
