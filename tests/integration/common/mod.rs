@@ -364,13 +364,22 @@ pub fn lstat(p: &Path) -> libc::stat {
 }
 
 pub fn statfs(p: &Path) -> libc::statfs {
+    try_statfs(p).unwrap_or_else(|e| panic!("statfs: {e}"))
+}
+
+/// statfs(2); it always reaches the daemon (the kernel caches no statfs result), so it also
+/// tells whether the daemon behind a mount is alive.
+pub fn try_statfs(p: &Path) -> io::Result<libc::statfs> {
     let c = cpath(p);
     // SAFETY: statfs is plain old data.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out pointer.
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "statfs: {}", io::Error::last_os_error());
-    st
+    if r == 0 {
+        Ok(st)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Free blocks (f_bfree) of the filesystem at `p`.
