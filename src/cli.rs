@@ -293,14 +293,14 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
                     mount_options[0] = fuser::MountOption::FSName(name.into());
                     continue;
                 }
-                if let Some((key, value)) = other.split_once('=') {
-                    if let Some(&knob) = BDI_KNOBS.iter().find(|k| **k == key) {
-                        if value.parse::<u64>().is_err() {
-                            return fail(format!("mount option {other}: expected a number"));
-                        }
-                        bdi.push((knob, value.to_string()));
-                        continue;
+                if let Some((key, value)) = other.split_once('=')
+                    && let Some(&knob) = BDI_KNOBS.iter().find(|k| **k == key)
+                {
+                    if value.parse::<u64>().is_err() {
+                        return fail(format!("mount option {other}: expected a number"));
                     }
+                    bdi.push((knob, value.to_string()));
+                    continue;
                 }
                 mount_options.push(fuser::MountOption::CUSTOM(other.into()));
             }
