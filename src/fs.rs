@@ -120,6 +120,9 @@ pub struct Fs {
     engine: Engine,
     /// Unlinked inodes the kernel still references (open files); bounded by open files.
     orphans: Mutex<HashSet<u64>>,
+    /// With the kernel's writeback cache the kernel keeps mtime/ctime of written files and sends
+    /// them with setattr; writes must then leave them alone.
+    kernel_owns_write_times: bool,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
     rename_lock: Mutex<()>,
 }
@@ -199,9 +202,15 @@ impl Fs {
     pub fn new(engine: Engine) -> Fs {
         Fs {
             engine,
+            kernel_owns_write_times: false,
             orphans: Mutex::new(HashSet::new()),
             rename_lock: Mutex::new(()),
         }
+    }
+
+    /// See `kernel_owns_write_times` (set when the writeback cache is on).
+    pub fn set_kernel_owns_write_times(&mut self, on: bool) {
+        self.kernel_owns_write_times = on;
     }
 
     pub fn engine(&self) -> &Engine {
@@ -826,7 +835,9 @@ impl Fs {
             rec.size = end.into();
             self.engine.mark_structural(ino);
         }
-        set_mtime_ctime(&mut rec, now_time());
+        if !self.kernel_owns_write_times {
+            set_mtime_ctime(&mut rec, now_time());
+        }
         self.engine.write_inode(ino, &mut rec)?;
         r.map(|_| data.len() as u32)
     }

@@ -36,7 +36,8 @@ pub struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Fs, opts: KernelOptions) -> FuseAdapter {
+    pub fn new(mut fs: Fs, opts: KernelOptions) -> FuseAdapter {
+        fs.set_kernel_owns_write_times(opts.writeback_cache);
         FuseAdapter { fs, opts }
     }
 }
@@ -573,6 +574,12 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if self.opts.writeback_cache {
+            // The kernel sends LSEEK without writing its dirty pages back first, so data it still
+            // caches would look like a hole. ENOSYS makes it fall back to "all data up to EOF":
+            // no sparseness information, but never a hole over unwritten data.
+            return reply.error(Errno::from_i32(libc::ENOSYS));
+        }
         if offset < 0 {
             return reply.error(Errno::from_i32(libc::ENXIO));
         }
