@@ -278,10 +278,7 @@ impl Fs {
         let links = rec.nlink.get().saturating_sub(1);
         rec.nlink = links.into();
         set_ctime(rec, t);
-        if links == 0 && rec.is_dir() {
-            rec.nlink = 0.into();
-        }
-        if rec.nlink.get() == 0 {
+        if links == 0 {
             if self.is_referenced(ino)? {
                 self.orphans.lock().insert(ino);
             } else {
@@ -792,8 +789,8 @@ impl Fs {
         Ok(())
     }
 
-    /// Opens a file: validates it exists. Returns whether the kernel may keep its page cache
-    /// (always: every change goes through this mount).
+    /// Opens a file: it must exist. (The kernel may always keep its page cache: every change
+    /// goes through this mount.)
     pub fn open(&self, ino: u64) -> Result<Attr> {
         self.getattr(ino)
     }
@@ -856,12 +853,11 @@ impl Fs {
         plus: bool,
         emit: &mut dyn FnMut(ListEntry<'_>) -> bool,
     ) -> Result<()> {
-        let (parent, self_attr, parent_attr) = {
+        let (parent, self_attr) = {
             let _g = self.engine.lock_read(ino);
             let d = self.read_dir(ino)?;
-            (d.parent.get(), attr_of(ino, &d), None::<Attr>)
+            (d.parent.get(), attr_of(ino, &d))
         };
-        let _ = parent_attr;
         if offset == 0 {
             let e = ListEntry {
                 name: b".",

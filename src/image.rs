@@ -221,14 +221,18 @@ impl Image {
         Ok(())
     }
 
+    /// `[off, off+len)` widened to whole pages and cut at the end of the image; `None` if empty.
+    fn page_range(&self, off: u64, len: u64) -> Option<(u64, u64)> {
+        let start = off / PAGE_SIZE * PAGE_SIZE;
+        let end = off.saturating_add(len).min(self.len()).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        (end > start).then_some((start, end))
+    }
+
     /// Writes back `[off, off+len)` (widened to whole pages) and waits for it (`MS_SYNC`).
     pub fn sync_range(&self, off: u64, len: u64) -> io::Result<()> {
-        let start = off / PAGE_SIZE * PAGE_SIZE;
-        let end = off.saturating_add(len).min(self.len());
-        if end <= start {
+        let Some((start, end)) = self.page_range(off, len) else {
             return Ok(());
-        }
-        let end = end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        };
         // SAFETY: the range lies within the reservation; msync does not touch memory contents.
         let rc = unsafe {
             libc::msync(
@@ -247,14 +251,20 @@ impl Image {
     /// and device cache flush of an msync: a later [`Image::sync_range`] makes it durable with
     /// one flush for several ranges.
     pub fn write_back_range(&self, off: u64, len: u64) -> io::Result<()> {
-        let start = off / PAGE_SIZE * PAGE_SIZE;
-        let end = off.saturating_add(len).min(self.len());
-        if end <= start {
-            return Ok(());
-        }
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        if let Some((start, end)) = self.sync_file_range(off, len, flags)? {
+            self.copy_to_shadow(start, end)?;
+        }
+        Ok(())
+    }
+
+    /// `sync_file_range(2)` over the pages of `[off, off+len)`; returns the page range used.
+    fn sync_file_range(&self, off: u64, len: u64, flags: u32) -> io::Result<Option<(u64, u64)>> {
+        let Some((start, end)) = self.page_range(off, len) else {
+            return Ok(None);
+        };
         // SAFETY: plain syscall on our own descriptor; it reads no memory of ours.
         let rc = unsafe {
             libc::sync_file_range(
@@ -267,30 +277,14 @@ impl Image {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.copy_to_shadow(start, end)
+        Ok(Some((start, end)))
     }
 
     /// Starts writing `[off, off+len)` back to the host file without waiting (so several ranges
     /// are in flight together).
     pub fn start_write_back(&self, off: u64, len: u64) -> io::Result<()> {
-        let start = off / PAGE_SIZE * PAGE_SIZE;
-        let end = off.saturating_add(len).min(self.len());
-        if end <= start {
-            return Ok(());
-        }
-        // SAFETY: plain syscall on our own descriptor; it reads no memory of ours.
-        let rc = unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                start as i64,
-                (end - start) as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.sync_file_range(off, len, libc::SYNC_FILE_RANGE_WRITE)
+            .map(|_| ())
     }
 
     fn copy_to_shadow(&self, start: u64, end: u64) -> io::Result<()> {

@@ -148,10 +148,8 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     // The inode table must be intact: without it nothing can be found.
     let itab = sb.itab_tree.get();
     let slots = sb.itab_slots.get();
-    let itab_blocks = w
-        .claim_tree(itab)
+    w.claim_tree(itab)
         .map_err(|m| Error::corrupt(format!("inode table: {m}")))?;
-    let _ = itab_blocks;
     for fb in 0..slots / INODES_PER_BLOCK {
         if e.tree_lookup(itab, fb)?.is_none() {
             return Err(Error::corrupt(format!("inode table block {fb} missing")));

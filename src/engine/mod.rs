@@ -100,6 +100,20 @@ pub fn now() -> (i64, u32) {
     }
 }
 
+/// Sets a new inode's atime, mtime, ctime and birth time to now.
+fn set_all_times_now(rec: &mut Inode) {
+    let (s, ns) = now();
+    for (sec, nsec) in [
+        (&mut rec.atime_sec, &mut rec.atime_nsec),
+        (&mut rec.mtime_sec, &mut rec.mtime_nsec),
+        (&mut rec.ctime_sec, &mut rec.ctime_nsec),
+        (&mut rec.btime_sec, &mut rec.btime_nsec),
+    ] {
+        *sec = s.into();
+        *nsec = ns.into();
+    }
+}
+
 fn block_off(block: u64) -> u64 {
     block * BLOCK_SIZE
 }
@@ -290,16 +304,7 @@ impl Engine {
         root.nlink = 2.into();
         root.parent = ROOT_INO.into();
         root.generation = 0.into();
-        let (s, ns) = now();
-        for (sec, nsec) in [
-            (&mut root.atime_sec, &mut root.atime_nsec),
-            (&mut root.mtime_sec, &mut root.mtime_nsec),
-            (&mut root.ctime_sec, &mut root.ctime_nsec),
-            (&mut root.btime_sec, &mut root.btime_nsec),
-        ] {
-            *sec = s.into();
-            *nsec = ns.into();
-        }
+        set_all_times_now(&mut root);
         root.seal();
         img.write(block_off(3) + ROOT_INO * INODE_SIZE, root.as_bytes())?;
         sb.seal();
@@ -641,16 +646,7 @@ impl Engine {
         rec.rdev = new.rdev.into();
         rec.nlink = 1.into();
         rec.generation = (generation as u32).into();
-        let (s, ns) = now();
-        for (sec, nsec) in [
-            (&mut rec.atime_sec, &mut rec.atime_nsec),
-            (&mut rec.mtime_sec, &mut rec.mtime_nsec),
-            (&mut rec.ctime_sec, &mut rec.ctime_nsec),
-            (&mut rec.btime_sec, &mut rec.btime_nsec),
-        ] {
-            *sec = s.into();
-            *nsec = ns.into();
-        }
+        set_all_times_now(&mut rec);
         self.write_inode(ino, &mut rec)?;
         Ok((ino, rec))
     }
@@ -707,9 +703,8 @@ impl Engine {
 
     // ----- file data --------------------------------------------------------------------------
 
-    /// Borrows up to `len` bytes of file data at byte `off` that are contiguous in the image, or
-    /// reports a hole. Returns `None` at end of the tree's mapping information for a hole of
-    /// `hole_len` bytes.
+    /// The file data at byte `off`, at most `len` bytes: a slice of the mapping as long as the
+    /// blocks are contiguous in the image, or the length of the hole that starts there.
     pub fn data_run(&self, rec: &Inode, off: u64, len: u64) -> Result<DataRun<'_>> {
         let fblock = off / BLOCK_SIZE;
         let in_block = off % BLOCK_SIZE;
