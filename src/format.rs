@@ -149,7 +149,8 @@ const _: () = assert!(std::mem::offset_of!(Inode, kernel_refs) == INODE_REFS_OFF
 pub struct DirentHeader {
     /// Inode number; 0 = deleted record.
     pub ino: U64,
-    pub hash: U32,
+    /// crc32c of the rest of the header and the name (see [`dirent_checksum`]).
+    pub checksum: U32,
     /// Whole record length (header + name + padding); 0 = nothing more in this block.
     pub rec_len: U16,
     pub name_len: u8,
@@ -158,6 +159,30 @@ pub struct DirentHeader {
 }
 pub const DIRENT_HEADER_SIZE: u64 = 16;
 const _: () = assert!(size_of::<DirentHeader>() == DIRENT_HEADER_SIZE as usize);
+
+/// Checksum of a directory entry record: crc32c over the header without its checksum field,
+/// then the name.
+pub fn dirent_checksum(h: &DirentHeader, name: &[u8]) -> u32 {
+    let bytes = h.as_bytes();
+    let c = crc32c::crc32c(&bytes[..8]);
+    let c = crc32c::crc32c_append(c, &bytes[12..]);
+    crc32c::crc32c_append(c, name)
+}
+
+impl DirentHeader {
+    /// A header with its checksum computed for `name`.
+    pub fn sealed(ino: u64, rec_len: u64, kind: u8, name: &[u8]) -> DirentHeader {
+        let mut h = DirentHeader {
+            ino: ino.into(),
+            checksum: 0.into(),
+            rec_len: (rec_len as u16).into(),
+            name_len: name.len() as u8,
+            kind,
+        };
+        h.checksum = dirent_checksum(&h, name).into();
+        h
+    }
+}
 
 /// Record length of a directory entry with a name of `name_len` bytes.
 pub fn dirent_rec_len(name_len: usize) -> u64 {
@@ -180,9 +205,12 @@ pub struct XattrBlockHeader {
     pub magic: U32,
     /// Bytes used after the header.
     pub used: U32,
+    /// crc32c of those `used` bytes.
+    pub checksum: U32,
+    pub reserved: U32,
 }
 pub const XATTR_MAGIC: u32 = 0x5841_5454;
-pub const XATTR_HEADER_SIZE: usize = 8;
+pub const XATTR_HEADER_SIZE: usize = 16;
 const _: () = assert!(size_of::<XattrBlockHeader>() == XATTR_HEADER_SIZE);
 
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

@@ -120,6 +120,11 @@ impl Engine {
         let name = self
             .dir_bytes(dir, off + DIRENT_HEADER_SIZE, usize::from(h.name_len))?
             .ok_or_else(|| Error::corrupt("directory entry name"))?;
+        if dirent_checksum(&h, name) != h.checksum.get() {
+            return Err(Error::corrupt(format!(
+                "directory entry at {off}: checksum mismatch"
+            )));
+        }
         Ok(Some((h, name)))
     }
 
@@ -193,13 +198,7 @@ impl Engine {
         }
         let hash = name_hash(self.hash_seed, name);
         let mut rec = vec![0u8; rec_len as usize];
-        let header = DirentHeader {
-            ino: ino.into(),
-            hash: hash.into(),
-            rec_len: (rec_len as u16).into(),
-            name_len: name.len() as u8,
-            kind,
-        };
+        let header = DirentHeader::sealed(ino, rec_len, kind, name);
         rec[..DIRENT_HEADER_SIZE as usize].copy_from_slice(header.as_bytes());
         rec[DIRENT_HEADER_SIZE as usize..][..name.len()].copy_from_slice(name);
         self.dir_write(dir, off, &rec)?;
@@ -258,13 +257,14 @@ impl Engine {
         let (h, _) = self
             .read_record(dir, f.offset)?
             .ok_or_else(|| Error::corrupt("entry vanished"))?;
+        let tombstone = DirentHeader::sealed(0, u64::from(h.rec_len.get()), h.kind, name);
         let slot = self.load_index_slot(dir, f.slot)?;
         self.store_index_slot(
             dir,
             f.slot,
             (slot & !0xffff_ffff) | u64::from(DIR_SLOT_DELETED),
         )?;
-        self.dir_write(dir, f.offset, &0u64.to_le_bytes())?;
+        self.dir_write(dir, f.offset, tombstone.as_bytes())?;
         dir.dir_live = dir.dir_live.get().saturating_sub(1).into();
         dir.dir_tomb_bytes = (dir.dir_tomb_bytes.get() + u64::from(h.rec_len.get())).into();
         if dir.dir_live.get() == 0 {
@@ -281,9 +281,11 @@ impl Engine {
     /// Points the existing entry `name` at another inode (rename over an existing target).
     pub fn dir_replace(&self, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<u64> {
         let f = self.dir_find(dir, name)?.ok_or(Error::NotFound)?;
-        self.dir_write(dir, f.offset, &ino.to_le_bytes())?;
-        let kind_off = f.offset + 15;
-        self.dir_write(dir, kind_off, &[kind])?;
+        let (h, _) = self
+            .read_record(dir, f.offset)?
+            .ok_or_else(|| Error::corrupt("entry vanished"))?;
+        let header = DirentHeader::sealed(ino, u64::from(h.rec_len.get()), kind, name);
+        self.dir_write(dir, f.offset, header.as_bytes())?;
         Ok(f.ino)
     }
 
@@ -347,13 +349,23 @@ impl Engine {
                 DirentHeader::read_from_bytes(&bytes[p as usize..(p + DIRENT_HEADER_SIZE) as usize])
                     .ok()
             };
+            // A record whose lengths fit and whose checksum matches.
+            let valid_at = |p: u64| {
+                header_at(p).is_some_and(|h| {
+                    let name_at = (p + DIRENT_HEADER_SIZE) as usize;
+                    h.rec_len.get() != 0
+                        && plausible_record(&h, p)
+                        && dirent_checksum(&h, &bytes[name_at..name_at + usize::from(h.name_len)])
+                            == h.checksum.get()
+                })
+            };
             let mut p = 0u64;
             while p + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
                 let Some(h) = header_at(p) else { break };
                 if h.rec_len.get() == 0 {
                     break;
                 }
-                if plausible_record(&h, p) {
+                if valid_at(p) {
                     p += u64::from(h.rec_len.get());
                     continue;
                 }
@@ -362,24 +374,19 @@ impl Engine {
                 // for a deleted record (header and a one-byte name).
                 let mut q = p + dirent_rec_len(1);
                 while q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
-                    if header_at(q).is_some_and(|h| h.rec_len.get() != 0 && plausible_record(&h, q))
-                    {
+                    if valid_at(q) {
                         break;
                     }
                     q += 8;
                 }
                 let filler = if q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
-                    DirentHeader {
-                        ino: 0.into(),
-                        hash: 0.into(),
-                        rec_len: ((q - p) as u16).into(),
-                        name_len: 1,
-                        kind: 0,
-                    }
+                    // A deleted record over the damage; its one-byte "name" is what lies there.
+                    let name_at = (p + DIRENT_HEADER_SIZE) as usize;
+                    DirentHeader::sealed(0, q - p, 0, &bytes[name_at..name_at + 1])
                 } else {
                     DirentHeader {
                         ino: 0.into(),
-                        hash: 0.into(),
+                        checksum: 0.into(),
                         rec_len: 0.into(),
                         name_len: 0,
                         kind: 0,

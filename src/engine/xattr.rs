@@ -33,6 +33,9 @@ impl Engine {
             return Err(Error::corrupt(format!("xattr block {b} header")));
         }
         let body = &bytes[XATTR_HEADER_SIZE..XATTR_HEADER_SIZE + used];
+        if crc32c::crc32c(body) != h.checksum.get() {
+            return Err(Error::corrupt(format!("xattr block {b} checksum mismatch")));
+        }
         let mut out = Vec::new();
         let mut p = 0;
         while p < body.len() {
@@ -91,6 +94,8 @@ impl Engine {
         let h = XattrBlockHeader {
             magic: XATTR_MAGIC.into(),
             used: (body.len() as u32).into(),
+            checksum: crc32c::crc32c(&body).into(),
+            reserved: 0.into(),
         };
         let mut block = vec![0u8; BLOCK_SIZE as usize];
         block[..XATTR_HEADER_SIZE].copy_from_slice(h.as_bytes());

@@ -367,3 +367,43 @@ fn recovery_repairs_an_unreadable_directory() {
     // ...and consistent.
     m.finish();
 }
+
+/// A flipped bit inside a name leaves a well-formed record that only its checksum can expose:
+/// fsck must report it, and recovery must drop that entry alone.
+#[test]
+fn damaged_name_is_caught_by_its_checksum() {
+    let mut m = Mount::new();
+    fs::create_dir(m.p("d")).unwrap();
+    for i in 0..10 {
+        fs::write(m.p(&format!("d/name-{i:02}")), b"x").unwrap();
+    }
+    m.unmount();
+    let mut bytes = fs::read(m.image()).unwrap();
+    let pos = bytes
+        .windows(7)
+        .position(|w| w == b"name-04")
+        .expect("entry not found");
+    bytes[pos + 6] ^= 0x01; // "name-04" becomes "name-05": a clash only the checksum sees
+    fs::write(m.image(), &bytes).unwrap();
+    let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
+    assert!(
+        !out.status.success(),
+        "fsck missed the damage: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("checksum"),
+        "{}",
+        describe(&out)
+    );
+    mark_dirty(&mut bytes);
+    fs::write(m.image(), &bytes).unwrap();
+    m.mount();
+    let listed: Vec<String> = fs::read_dir(m.p("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed.len(), 9, "{listed:?}");
+    assert!(!listed.contains(&"name-04".to_string()));
+    m.finish();
+}
