@@ -437,3 +437,31 @@ fn truncate_then_grow_reads_zeros() {
     h.fs().forget(a.ino, 1).unwrap();
     h.fsck();
 }
+
+/// fsck checks sizes against extents: a symlink whose size says 0 (record otherwise valid, so
+/// no checksum complains) and a directory owning a block past its entries are both reported.
+#[test]
+fn fsck_checks_sizes_against_extents() {
+    let h = Harness::new();
+    let link = h.fs().symlink(ROOT_INO, b"l", b"target", CTX).unwrap();
+    let dir = h.fs().mkdir(ROOT_INO, b"d", 0o755, CTX).unwrap();
+    let file = h.fs().create(dir.ino, b"f", 0o644, CTX).unwrap();
+    let e = h.fs().engine();
+    let mut rec = e.read_inode(link.ino).unwrap();
+    rec.size = 0.into();
+    e.write_inode(link.ino, &mut rec).unwrap();
+    let mut rec = e.read_inode(dir.ino).unwrap();
+    rec.dir_entries_end = 0.into(); // its one entry block now lies past the entries
+    e.write_inode(dir.ino, &mut rec).unwrap();
+    let report = check::run(e, check::Mode::Report).unwrap();
+    let all = report.problems.join("\n");
+    assert!(
+        all.contains(&format!("inode {}: symlink of size 0", link.ino)),
+        "{all}"
+    );
+    assert!(
+        all.contains(&format!("inode {}: directory owns file block 0", dir.ino)),
+        "{all}"
+    );
+    h.fs().forget(file.ino, 1).unwrap();
+}

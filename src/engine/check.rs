@@ -121,6 +121,48 @@ enum Slot {
     Damaged,
 }
 
+/// Sizes against extents: a symlink holds its target in block 0 only, 1..=SYMLINK_MAX bytes; a
+/// directory's blocks lie below `dir_entries_end` or inside its current index. (Regular files
+/// may own blocks past EOF: fallocate with KEEP_SIZE.)
+fn extent_problem(e: &Engine, rec: &Inode) -> Result<Option<String>> {
+    let mut data_blocks = Vec::new();
+    e.tree_visit(rec.tree.get(), &mut |_, is_data, fblock| {
+        if is_data {
+            data_blocks.push(fblock);
+        }
+        Ok(())
+    })
+    .ok();
+    match rec.file_type() {
+        libc::S_IFLNK => {
+            let size = rec.size.get();
+            if size == 0 || size > SYMLINK_MAX as u64 {
+                return Ok(Some(format!("symlink of size {size}")));
+            }
+            if let Some(fb) = data_blocks.iter().find(|&&fb| fb > 0) {
+                return Ok(Some(format!("symlink owns file block {fb}")));
+            }
+        }
+        libc::S_IFDIR => {
+            let entries_blocks = rec.dir_entries_end.get().div_ceil(BLOCK_SIZE);
+            let area = dir_hash_area_offset(rec.dir_hash_area.get()) / BLOCK_SIZE;
+            let index_blocks = (rec.dir_hash_cap.get() * 8).div_ceil(BLOCK_SIZE);
+            for &fb in &data_blocks {
+                let in_entries = fb < entries_blocks;
+                let in_index = fb >= area && fb < area + index_blocks;
+                if !in_entries && !in_index {
+                    return Ok(Some(format!(
+                        "directory owns file block {fb} outside its entries ({entries_blocks} \
+                         blocks) and index"
+                    )));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(None)
+}
+
 pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     let sb = e.superblock();
     let total = e.total_blocks();
@@ -301,6 +343,9 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
                 0
             }
         };
+        if let Some(msg) = extent_problem(e, &rec)? {
+            w.problem(format!("inode {ino}: {msg}"));
+        }
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
         if xb != 0 {
