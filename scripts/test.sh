@@ -30,7 +30,7 @@ stage fmt cargo fmt --all -- --check
 stage clippy cargo clippy --release --workspace --all-targets -- -D warnings
 stage cargo-test cargo test --release --workspace
 stage pjdfstest bash scripts/pjdfstest.sh
-stage integration bash scripts/integration.sh
+stage integration bash scripts/integration.sh --both
 stage bench-quick bash scripts/bench.sh --quick
 
 [ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
