@@ -657,136 +657,138 @@ impl Fs {
             let d = self.read_dir(p)?;
             self.engine.dir_lookup(&d, n)
         };
-        let (src, src_kind) = find(parent, name)?.ok_or(Error::NotFound)?;
-        let dst = find(newparent, newname)?;
-        if flags.exchange && dst.is_none() {
-            return Err(Error::NotFound);
-        }
-        if flags.noreplace && dst.is_some() {
-            return Err(Error::Exists);
-        }
-        if dst.map(|d| d.0) == Some(src) {
-            return Ok(()); // Same inode: POSIX says do nothing.
-        }
-        let src_is_dir = src_kind == libc::DT_DIR;
-        let dst_is_dir = dst.is_some_and(|d| d.1 == libc::DT_DIR);
-        // A directory must not move below itself (checked while renames are excluded).
-        if src_is_dir && parent != newparent && self.is_within(newparent, src)? {
-            return Err(Error::Invalid);
-        }
-        if flags.exchange
-            && dst_is_dir
-            && parent != newparent
-            && self.is_within(parent, dst.map(|d| d.0).unwrap_or(0))?
-        {
-            return Err(Error::Invalid);
-        }
-        let mut inos = vec![parent, newparent, src];
-        if let Some((d, _)) = dst {
-            inos.push(d);
-        }
-        let _g = self.engine.lock_many(&inos);
-        // Entries can have changed between lookup and lock only through unlink/create (renames
-        // are excluded): re-verify.
-        let mut pdir = self.read_dir(parent)?;
-        if self.engine.dir_lookup(&pdir, name)?.map(|x| x.0) != Some(src) {
-            return Err(Error::NotFound);
-        }
-        let mut src_rec = self.engine.read_inode(src)?;
-        let same_dir = parent == newparent;
-        let mut ndir = if same_dir {
-            None
-        } else {
-            Some(self.read_dir(newparent)?)
-        };
-        let cur_dst = {
-            let d = ndir.as_ref().unwrap_or(&pdir);
-            self.engine.dir_lookup(d, newname)?
-        };
-        if cur_dst.map(|x| x.0) != dst.map(|x| x.0) {
-            return Err(Error::Exists); // Raced with create/unlink: let the caller retry.
-        }
-        let t = now_time();
-        let mut dst_rec = match dst {
-            Some((d, _)) => Some(self.engine.read_inode(d)?),
-            None => None,
-        };
-        if let (Some(dr), false) = (&dst_rec, flags.exchange) {
-            if dr.is_dir() && !src_is_dir {
-                return Err(Error::IsDir);
+        loop {
+            let (src, src_kind) = find(parent, name)?.ok_or(Error::NotFound)?;
+            let dst = find(newparent, newname)?;
+            if flags.exchange && dst.is_none() {
+                return Err(Error::NotFound);
             }
-            if !dr.is_dir() && src_is_dir {
-                return Err(Error::NotDir);
+            if flags.noreplace && dst.is_some() {
+                return Err(Error::Exists);
             }
-            if dr.is_dir() && dr.dir_live.get() > 0 {
-                return Err(Error::NotEmpty);
+            if dst.map(|d| d.0) == Some(src) {
+                return Ok(()); // Same inode: POSIX says do nothing.
             }
-        }
-        let src_dtype = dtype_of_mode(src_rec.mode.get());
-        if flags.exchange {
-            let (d, _) = dst.ok_or(Error::NotFound)?;
-            let dr = dst_rec.as_mut().ok_or(Error::NotFound)?;
-            let dst_dtype = dtype_of_mode(dr.mode.get());
-            self.engine.dir_replace(&mut pdir, name, d, dst_dtype)?;
+            let src_is_dir = src_kind == libc::DT_DIR;
+            let dst_is_dir = dst.is_some_and(|d| d.1 == libc::DT_DIR);
+            // A directory must not move below itself (checked while renames are excluded).
+            if src_is_dir && parent != newparent && self.is_within(newparent, src)? {
+                return Err(Error::Invalid);
+            }
+            if flags.exchange
+                && dst_is_dir
+                && parent != newparent
+                && self.is_within(parent, dst.map(|d| d.0).unwrap_or(0))?
             {
-                let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
-                self.engine
-                    .dir_replace(target_dir, newname, src, src_dtype)?;
+                return Err(Error::Invalid);
             }
-            if !same_dir {
-                if src_is_dir {
-                    src_rec.parent = newparent.into();
-                }
-                if dr.is_dir() {
-                    dr.parent = parent.into();
-                }
-                let nd = ndir.as_mut().ok_or(Error::Invalid)?;
-                let delta = i64::from(src_is_dir) - i64::from(dr.is_dir());
-                pdir.nlink = ((i64::from(pdir.nlink.get()) - delta) as u32).into();
-                nd.nlink = ((i64::from(nd.nlink.get()) + delta) as u32).into();
+            let mut inos = vec![parent, newparent, src];
+            if let Some((d, _)) = dst {
+                inos.push(d);
             }
-            set_ctime(dr, t);
-            self.engine.write_inode(d, dr)?;
-        } else {
-            // Insert or replace at the destination first, then remove the source: a crash in
-            // between leaves an extra link that recovery counts, never a lost file.
-            {
-                let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
-                if dst.is_some() {
+            let _g = self.engine.lock_many(&inos);
+            // Entries can have changed between lookup and lock only through unlink/create (renames
+            // are excluded): re-verify.
+            let mut pdir = self.read_dir(parent)?;
+            if self.engine.dir_lookup(&pdir, name)?.map(|x| x.0) != Some(src) {
+                return Err(Error::NotFound);
+            }
+            let mut src_rec = self.engine.read_inode(src)?;
+            let same_dir = parent == newparent;
+            let mut ndir = if same_dir {
+                None
+            } else {
+                Some(self.read_dir(newparent)?)
+            };
+            let cur_dst = {
+                let d = ndir.as_ref().unwrap_or(&pdir);
+                self.engine.dir_lookup(d, newname)?
+            };
+            if cur_dst.map(|x| x.0) != dst.map(|x| x.0) {
+                continue; // A create or unlink of the target raced with us: look again.
+            }
+            let t = now_time();
+            let mut dst_rec = match dst {
+                Some((d, _)) => Some(self.engine.read_inode(d)?),
+                None => None,
+            };
+            if let (Some(dr), false) = (&dst_rec, flags.exchange) {
+                if dr.is_dir() && !src_is_dir {
+                    return Err(Error::IsDir);
+                }
+                if !dr.is_dir() && src_is_dir {
+                    return Err(Error::NotDir);
+                }
+                if dr.is_dir() && dr.dir_live.get() > 0 {
+                    return Err(Error::NotEmpty);
+                }
+            }
+            let src_dtype = dtype_of_mode(src_rec.mode.get());
+            if flags.exchange {
+                let (d, _) = dst.ok_or(Error::NotFound)?;
+                let dr = dst_rec.as_mut().ok_or(Error::NotFound)?;
+                let dst_dtype = dtype_of_mode(dr.mode.get());
+                self.engine.dir_replace(&mut pdir, name, d, dst_dtype)?;
+                {
+                    let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
                     self.engine
                         .dir_replace(target_dir, newname, src, src_dtype)?;
-                } else {
-                    self.engine
-                        .dir_insert(target_dir, newname, src, src_dtype)?;
+                }
+                if !same_dir {
+                    if src_is_dir {
+                        src_rec.parent = newparent.into();
+                    }
+                    if dr.is_dir() {
+                        dr.parent = parent.into();
+                    }
+                    let nd = ndir.as_mut().ok_or(Error::Invalid)?;
+                    let delta = i64::from(src_is_dir) - i64::from(dr.is_dir());
+                    pdir.nlink = ((i64::from(pdir.nlink.get()) - delta) as u32).into();
+                    nd.nlink = ((i64::from(nd.nlink.get()) + delta) as u32).into();
+                }
+                set_ctime(dr, t);
+                self.engine.write_inode(d, dr)?;
+            } else {
+                // Insert or replace at the destination first, then remove the source: a crash in
+                // between leaves an extra link that recovery counts, never a lost file.
+                {
+                    let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
+                    if dst.is_some() {
+                        self.engine
+                            .dir_replace(target_dir, newname, src, src_dtype)?;
+                    } else {
+                        self.engine
+                            .dir_insert(target_dir, newname, src, src_dtype)?;
+                    }
+                }
+                self.engine.dir_remove(&mut pdir, name)?;
+                if src_is_dir && !same_dir {
+                    src_rec.parent = newparent.into();
+                    pdir.nlink = pdir.nlink.get().saturating_sub(1).into();
+                    if let Some(nd) = ndir.as_mut() {
+                        nd.nlink = (nd.nlink.get() + 1).into();
+                    }
+                }
+                if let (Some((d, _)), Some(dr)) = (dst, dst_rec.as_mut()) {
+                    if dr.is_dir() {
+                        // The replaced directory's link from its parent goes away.
+                        let nd = ndir.as_mut().unwrap_or(&mut pdir);
+                        nd.nlink = nd.nlink.get().saturating_sub(1).into();
+                        dr.nlink = 1.into();
+                    }
+                    self.drop_link(d, dr, t)?;
                 }
             }
-            self.engine.dir_remove(&mut pdir, name)?;
-            if src_is_dir && !same_dir {
-                src_rec.parent = newparent.into();
-                pdir.nlink = pdir.nlink.get().saturating_sub(1).into();
-                if let Some(nd) = ndir.as_mut() {
-                    nd.nlink = (nd.nlink.get() + 1).into();
-                }
+            set_ctime(&mut src_rec, t);
+            self.engine.write_inode(src, &mut src_rec)?;
+            set_mtime_ctime(&mut pdir, t);
+            self.engine.write_inode(parent, &mut pdir)?;
+            if let Some(nd) = ndir.as_mut() {
+                set_mtime_ctime(nd, t);
+                self.engine.write_inode(newparent, nd)?;
             }
-            if let (Some((d, _)), Some(dr)) = (dst, dst_rec.as_mut()) {
-                if dr.is_dir() {
-                    // The replaced directory's link from its parent goes away.
-                    let nd = ndir.as_mut().unwrap_or(&mut pdir);
-                    nd.nlink = nd.nlink.get().saturating_sub(1).into();
-                    dr.nlink = 1.into();
-                }
-                self.drop_link(d, dr, t)?;
-            }
+            return Ok(());
         }
-        set_ctime(&mut src_rec, t);
-        self.engine.write_inode(src, &mut src_rec)?;
-        set_mtime_ctime(&mut pdir, t);
-        self.engine.write_inode(parent, &mut pdir)?;
-        if let Some(nd) = ndir.as_mut() {
-            set_mtime_ctime(nd, t);
-            self.engine.write_inode(newparent, nd)?;
-        }
-        Ok(())
     }
 
     /// Opens a file: it must exist. (The kernel may always keep its page cache: every change
