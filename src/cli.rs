@@ -326,14 +326,13 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
     config.n_threads = Some(usize::from(threads));
     config.clone_fd = true;
     let fs = Fs::new(engine);
-    let mut session = match fuser::Session::new(FuseAdapter::new(fs, kopts), &mp, &config) {
+    let session = match fuser::Session::new(FuseAdapter::new(fs, kopts), &mp, &config) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot mount on {}: {e}", mp.display())),
     };
     if let Err(e) = tune_bdi(&mp, &bdi) {
         log::warn!("cannot apply backing-device settings: {e}");
     }
-    let mut unmounter = session.unmount_callable();
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -341,12 +340,11 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
     ]);
     match signals {
         Ok(mut signals) => {
+            let mp = mp.clone();
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
                     log::info!("signal {sig}: unmounting");
-                    if let Err(e) = unmounter.unmount() {
-                        log::error!("unmount on signal failed: {e}");
-                    }
+                    unmount_on_signal(&mp);
                 }
             });
         }
@@ -390,6 +388,34 @@ fn tune_bdi(mp: &Path, settings: &[(&str, String)]) -> Result<(), String> {
         log::info!("{path} = {value}");
     }
     Ok(())
+}
+
+/// Unmounts after SIGTERM/SIGINT/SIGHUP. A mount can be busy for a moment (the kernel releases a
+/// just-closed file asynchronously), so this retries for a while, then detaches it lazily: the
+/// session then ends when the last user lets go.
+fn unmount_on_signal(mp: &Path) {
+    let fusermount = |lazy: bool| {
+        let mut cmd = Command::new("fusermount3");
+        cmd.arg("-u").arg("-q");
+        if lazy {
+            cmd.arg("-z");
+        }
+        cmd.arg("--")
+            .arg(mp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd.status().is_ok_and(|s| s.success())
+    };
+    for _ in 0..50 {
+        if fusermount(false) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    log::warn!("{} stayed busy; detaching it", mp.display());
+    if !fusermount(true) {
+        log::error!("cannot unmount {}", mp.display());
+    }
 }
 
 fn is_root() -> bool {
