@@ -47,7 +47,8 @@ enum Verb {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: u16,
         /// Mount options: ro, noexec, nosuid, nodev, noatime, writeback_cache,
-        /// no_writeback_cache, no_readdirplus, fsname=NAME, read_ahead_kb=N, max_ratio=N,
+        /// no_writeback_cache, no_readdirplus, no_clone_fd, max_write=BYTES, fsname=NAME,
+        /// read_ahead_kb=N, max_ratio=N,
         /// strict_limit=0|1, max_bytes=N (backing-device settings), or any kernel FUSE option.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
@@ -253,10 +254,6 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let engine = match Engine::open(image, OpenMode::Mount) {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
     // Writeback cache stays opt-in: with it, SEEK_DATA/SEEK_HOLE and st_blocks only see data the
     // kernel has written back, and the kernel's mtime can differ from the one persisted
     // (integration tests data::fallocate_modes_and_seek_data_hole, data::sparse_file_at_one_tib,
@@ -264,7 +261,9 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
     let mut kopts = KernelOptions {
         writeback_cache: false,
         readdirplus: true,
+        max_write: crate::fuse::MAX_WRITE,
     };
+    let mut clone_fd = true;
     // The kernel holds every FUSE mount to a strict 1% share of the dirty-page limit, which
     // throttles writes through mappings (mmap sequential writes: 490 -> 1323 MB/s without it, 1 GiB
     // fio on 2 cores). The limit guards against daemons that cannot make progress on writeback;
@@ -285,6 +284,7 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
             "writeback_cache" => kopts.writeback_cache = true,
             "no_writeback_cache" => kopts.writeback_cache = false,
             "no_readdirplus" => kopts.readdirplus = false,
+            "no_clone_fd" => clone_fd = false,
             "ro" => mount_options.push(fuser::MountOption::RO),
             "rw" => mount_options.push(fuser::MountOption::RW),
             "exec" => mount_options.push(fuser::MountOption::Exec),
@@ -301,6 +301,20 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
                     mount_options[0] = fuser::MountOption::FSName(name.into());
                     continue;
                 }
+                if let Some(value) = other.strip_prefix("max_write=") {
+                    match value.parse::<u32>() {
+                        Ok(n) if (4096..=crate::fuse::MAX_WRITE).contains(&n) => {
+                            kopts.max_write = n
+                        }
+                        _ => {
+                            return fail(format!(
+                                "mount option {other}: expected 4096..={}",
+                                crate::fuse::MAX_WRITE
+                            ));
+                        }
+                    }
+                    continue;
+                }
                 if let Some((key, value)) = other.split_once('=')
                     && let Some(&knob) = BDI_KNOBS.iter().find(|k| **k == key)
                 {
@@ -315,6 +329,11 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
             }
         }
     }
+    // Options are all checked above: only now is the image opened (and marked mounted).
+    let engine = match Engine::open(image, OpenMode::Mount) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
     let mut config = fuser::Config::default();
     config.mount_options = mount_options;
     // allow_other when root: integration clients run as other users (pjdfstest, sudo -u).
@@ -324,7 +343,7 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         fuser::SessionACL::Owner
     };
     config.n_threads = Some(usize::from(threads));
-    config.clone_fd = true;
+    config.clone_fd = clone_fd;
     let fs = Fs::new(engine);
     let session = match fuser::Session::new(FuseAdapter::new(fs, kopts), &mp, &config) {
         Ok(s) => s,

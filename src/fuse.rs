@@ -28,6 +28,8 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct KernelOptions {
     pub writeback_cache: bool,
     pub readdirplus: bool,
+    /// Largest write request asked of the kernel (bytes).
+    pub max_write: u32,
 }
 
 pub struct FuseAdapter {
@@ -170,7 +172,7 @@ const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FO
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if let Err(max) = config.set_max_write(MAX_WRITE) {
+        if let Err(max) = config.set_max_write(self.opts.max_write) {
             config.set_max_write(max).ok();
         }
         let caps = config.capabilities();

@@ -389,3 +389,25 @@ fn info_and_sigterm() {
     assert_eq!(fs::read(m.p("data")).unwrap(), pattern(2, 0, 2 << 20));
     m.finish();
 }
+
+/// A malformed mount option is refused before the image is opened: the image stays byte for byte
+/// as it was (still marked clean), and nothing is mounted.
+#[test]
+fn mount_refuses_bad_options_without_touching_the_image() {
+    let c = case();
+    let before = fs::read(&c.image).unwrap();
+    for opt in ["max_write=12", "read_ahead_kb=lots", "max_ratio=-1"] {
+        let out = try_mount(&c.image, &c.mnt, &["-o", opt]);
+        let stderr = assert_clean_failure(&out, opt);
+        assert!(
+            stderr.contains(opt.split('=').next().unwrap()),
+            "{opt}: {stderr}"
+        );
+        assert!(!is_mountpoint(&c.mnt), "{opt}: mounted");
+        assert!(
+            fs::read(&c.image).unwrap() == before,
+            "{opt}: image changed"
+        );
+    }
+    fsck(&c.image);
+}
