@@ -228,18 +228,25 @@ fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
     if !canon.is_dir() {
         return Err(format!("mount point {} is not a directory", mp.display()));
     }
-    if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
-        let target = canon.to_string_lossy();
-        for line in info.lines() {
-            if line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*target) {
-                return Err(format!(
-                    "mount point {} is busy (already mounted)",
-                    mp.display()
-                ));
-            }
-        }
+    if mount_device(&canon).is_some() {
+        return Err(format!(
+            "mount point {} is busy (already mounted)",
+            mp.display()
+        ));
     }
     Ok(canon)
+}
+
+/// The device (`MAJOR:MINOR`) of the topmost mount at `mp`, from /proc/self/mountinfo; `None` if
+/// nothing is mounted there (or the table cannot be read).
+fn mount_device(mp: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = mp.to_string_lossy();
+    info.lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.get(4).map(|m| unescape_mountinfo(m)).as_deref() == Some(&*target))
+        .filter_map(|f| f.get(2).map(|d| d.to_string()))
+        .next_back()
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -393,14 +400,7 @@ fn tune_bdi(mp: &Path, settings: &[(&str, String)]) -> Result<(), String> {
     if settings.is_empty() {
         return Ok(());
     }
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let target = mp.to_string_lossy();
-    let dev = info
-        .lines()
-        .filter(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&*target))
-        .filter_map(|l| l.split(' ').nth(2))
-        .next_back()
-        .ok_or("mount not found in /proc/self/mountinfo")?;
+    let dev = mount_device(mp).ok_or("mount not found in /proc/self/mountinfo")?;
     for (knob, value) in settings {
         let path = format!("/sys/class/bdi/{dev}/{knob}");
         std::fs::write(&path, value).map_err(|e| format!("{path}: {e}"))?;

@@ -540,12 +540,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Forgets pending data ranges of an inode whose blocks were freed.
+    /// Forgets what is pending for an inode whose blocks were freed.
     fn forget_data(&self, ino: u64) {
         let mut d = self.dirty.lock();
         if let Some(r) = d.data.remove(&ino) {
             d.data_ranges -= r.len();
         }
+        d.structural.remove(&ino);
     }
 
     // ----- inode table ------------------------------------------------------------------------
