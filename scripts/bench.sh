@@ -72,8 +72,8 @@ done
 # Order matters: the sequential jobs leave the big file in place for the random and mmap jobs.
 ALL_WORKLOADS=(
     seq-write-cold seq-read-cold seq-read-warm seq-write-warm
-    rand-read rand-write
-    mmap-seq-write mmap-seq-read-cold mmap-seq-read mmap-rand-read mmap-rand-write
+    rand-read-cold rand-read rand-write
+    mmap-seq-write mmap-seq-read-cold mmap-seq-read mmap-rand-read-cold mmap-rand-read mmap-rand-write
     msync
     scale-randrw-1 scale-randrw-2 scale-randrw-4
     meta-1dir meta-100dirs smallfiles sqlite git-checkout
@@ -90,12 +90,12 @@ done
 
 if ((QUICK)); then
     : "${REPS:=1}" "${IMAGE_SIZE:=256M}" "${TMPFS_SIZE:=512M}" "${JOB_TIMEOUT:=60}"
-    export BENCH_FILE_SIZE=32m BENCH_SEQ_CAP=5 BENCH_RUNTIME=500ms BENCH_MSYNC_SIZE=4m
+    export BENCH_FILE_SIZE=32m BENCH_SEQ_CAP=5 BENCH_RUNTIME=500ms BENCH_MSYNC_SIZE=4m BENCH_COLD_IO=4m
     export BENCH_META_N=2000 BENCH_SMALL_N=500 BENCH_SQL_ROWS=2000 BENCH_SQL_BATCH=500
     GIT_FILES=200
 else
     : "${REPS:=3}" "${IMAGE_SIZE:=4G}" "${TMPFS_SIZE:=4G}" "${JOB_TIMEOUT:=300}"
-    export BENCH_FILE_SIZE=1g BENCH_SEQ_CAP=20 BENCH_RUNTIME=5s BENCH_MSYNC_SIZE=64m
+    export BENCH_FILE_SIZE=1g BENCH_SEQ_CAP=20 BENCH_RUNTIME=5s BENCH_MSYNC_SIZE=64m BENCH_COLD_IO=64m
     export BENCH_META_N=100000 BENCH_SMALL_N=20000 BENCH_SQL_ROWS=50000 BENCH_SQL_BATCH=1000
     GIT_FILES=3000
 fi
@@ -315,6 +315,7 @@ META=$RESULTS/meta.txt
     echo "seq_cap_s=$BENCH_SEQ_CAP"
     echo "runtime=$BENCH_RUNTIME"
     echo "msync_size=$BENCH_MSYNC_SIZE"
+    echo "cold_io=$BENCH_COLD_IO"
     echo "meta_n=$BENCH_META_N"
     echo "small_n=$BENCH_SMALL_N"
     echo "sql_rows=$BENCH_SQL_ROWS"

@@ -791,12 +791,6 @@ impl Fs {
         }
     }
 
-    /// Opens a file: it must exist. (The kernel may always keep its page cache: every change
-    /// goes through this mount.)
-    pub fn open(&self, ino: u64) -> Result<Attr> {
-        self.getattr(ino)
-    }
-
     /// Reads up to `size` bytes at `off`, handing `f` one slice: straight from the mapping when
     /// the range is contiguous in the image, else assembled.
     pub fn read<R>(&self, ino: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R> {

@@ -9,6 +9,7 @@
 #   BENCH_SEQ_CAP     runtime cap of the sequential jobs, seconds
 #   BENCH_RUNTIME     runtime of the time-based jobs (fio syntax, e.g. 5s or 500ms)
 #   BENCH_MSYNC_SIZE  size of the file of the msync job
+#   BENCH_COLD_IO     bytes read by the cold random-read jobs (bounded, so that they stay cold)
 #   BENCH_META_N      number of files of the metadata jobs
 #   BENCH_SMALL_N     number of files of the small-file job
 #   BENCH_SQL_ROWS / BENCH_SQL_BATCH   SQLite rows and rows per transaction
@@ -20,7 +21,7 @@ wl=$1
 dir=$2
 out=$3
 
-: "${BENCH_FILE_SIZE:?}" "${BENCH_SEQ_CAP:?}" "${BENCH_RUNTIME:?}" "${BENCH_MSYNC_SIZE:?}"
+: "${BENCH_FILE_SIZE:?}" "${BENCH_SEQ_CAP:?}" "${BENCH_RUNTIME:?}" "${BENCH_MSYNC_SIZE:?}" "${BENCH_COLD_IO:?}"
 : "${BENCH_META_N:?}" "${BENCH_SMALL_N:?}" "${BENCH_SQL_ROWS:?}" "${BENCH_SQL_BATCH:?}"
 : "${BENCH_SQL_MMAP:?}" "${BENCH_TOOLS:?}"
 
@@ -56,6 +57,8 @@ ensure_big() {
 }
 seq_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --runtime="$BENCH_SEQ_CAP")
 rand_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --time_based --runtime="$BENCH_RUNTIME")
+# Cold random reads read a bounded amount (not time based): a time-based job would warm the cache as it runs.
+cold_rand_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --io_size="$BENCH_COLD_IO" --runtime="$BENCH_SEQ_CAP")
 
 case $wl in
 seq-write-cold | msync | meta-* | smallfiles | sqlite | git-checkout) ;;
@@ -79,7 +82,11 @@ seq-read-warm)
 seq-write-warm)
     fio_run "$wl" "${seq_args[@]}" --rw=write --bs=1m --pre_read=1
     ;;
-# ---- random 4 KiB, psync, time based, same file (warm) ----
+# ---- random 4 KiB, psync, same file: cold (caches dropped, bounded) and warm (time based) ----
+rand-read-cold)
+    drop_caches
+    fio_run "$wl" "${cold_rand_args[@]}" --rw=randread --bs=4k
+    ;;
 rand-read)
     fio_run "$wl" "${rand_args[@]}" --rw=randread --bs=4k --pre_read=1
     ;;
@@ -96,6 +103,10 @@ mmap-seq-read-cold)
     ;;
 mmap-seq-read)
     fio_run "$wl" "${seq_args[@]}" --ioengine=mmap --rw=read --bs=1m --pre_read=1
+    ;;
+mmap-rand-read-cold)
+    drop_caches
+    fio_run "$wl" "${cold_rand_args[@]}" --ioengine=mmap --rw=randread --bs=4k
     ;;
 mmap-rand-read)
     fio_run "$wl" "${rand_args[@]}" --ioengine=mmap --rw=randread --bs=4k --pre_read=1

@@ -523,16 +523,17 @@ impl Engine {
                 _ => merged.push((s, l)),
             }
         }
-        // All ranges are submitted at once, every range but the last is waited for, and the
-        // msync of the last one then commits the host filesystem's journal and flushes the
-        // device cache once for all.
-        let Some(&(last_start, last_len)) = merged.last() else {
+        // Every range but the last is submitted at once and waited for; the msync of the last one
+        // then writes it, commits the host filesystem's journal and flushes the device cache once
+        // for all. (Submitting the last range separately first only added a syscall that could
+        // block: it doubled the msync latency of a one-page fsync.)
+        let Some((&(last_start, last_len), earlier)) = merged.split_last() else {
             return Ok(());
         };
-        for &(s, l) in &merged {
+        for &(s, l) in earlier {
             self.img.start_write_back(block_off(s), l * BLOCK_SIZE)?;
         }
-        for &(s, l) in &merged[..merged.len() - 1] {
+        for &(s, l) in earlier {
             self.img.write_back_range(block_off(s), l * BLOCK_SIZE)?;
         }
         self.img
