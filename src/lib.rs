@@ -15,3 +15,4 @@ pub mod fs;
 pub mod fuse;
 #[allow(unsafe_code)]
 pub mod image;
+pub mod workers;

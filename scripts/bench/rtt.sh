@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where a FUSE round trip's time goes on this machine: mounts a fresh mmapfs image and times
-# getxattr round trips (scripts/bench/fuse_rtt.c) with the client free, then with the daemon's
-# threads pinned to CPU 0 and the client on CPU 0 (same CPU) and on CPU 1 (another CPU).
+# getxattr round trips (scripts/bench/fuse_rtt.c): with the default placement of the workers (one
+# pinned per CPU), then with `-o no_pin_threads`, and with every worker moved to CPU 0 while the
+# client runs on CPU 0 (same CPU) or CPU 1 (another CPU).
 #   bash scripts/bench/rtt.sh [REPS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,20 +26,29 @@ mkdir "$mnt"
 bin=$root/target/release/mmapfs
 gcc -O2 -o "$work/fuse_rtt" "$here/fuse_rtt.c"
 "$bin" mkfs "$work/image" --size 64M >/dev/null
+
+probe() { "$@" "$work/fuse_rtt" "$mnt/probe" 50000; }
+row() { # row LABEL COMMAND-PREFIX...
+    local label=$1 i
+    shift
+    printf '  %-58s' "$label"
+    for ((i = 0; i < reps; i++)); do printf ' %6s' "$(probe "$@")"; done
+    echo
+}
+echo "FUSE round trip (getxattr), mean µs per call, $reps runs each:"
+
 "$bin" mount "$work/image" "$mnt"
 touch "$mnt/probe"
+row "default (one worker pinned per CPU), client anywhere:"
+row "default, client on CPU 0:" taskset -c 0
+row "default, client on CPU 1:" taskset -c 1
+fusermount3 -u "$mnt"
+sleep 0.5 # the daemon releases the image lock after the unmount returns
+
+"$bin" mount -o no_pin_threads "$work/image" "$mnt"
+row "-o no_pin_threads (scheduler places workers):"
 pid=$(pgrep -f -- "--foreground.*$work/image" | head -1)
 [[ -n $pid ]] || { echo "rtt.sh: daemon not found" >&2; exit 1; }
-
-probe() { "$work/fuse_rtt" "$mnt/probe" 50000; }
-echo "FUSE round trip (getxattr), mean µs per call, $reps runs each:"
-printf '  %-44s' "client and daemon free:"
-for ((i = 0; i < reps; i++)); do printf ' %6s' "$(probe)"; done
-echo
 for t in /proc/"$pid"/task/*; do taskset -pc 0 "${t##*/}" >/dev/null; done
-printf '  %-44s' "daemon on CPU 0, client on CPU 0 (same):"
-for ((i = 0; i < reps; i++)); do printf ' %6s' "$(taskset -c 0 "$work/fuse_rtt" "$mnt/probe" 50000)"; done
-echo
-printf '  %-44s' "daemon on CPU 0, client on CPU 1 (other):"
-for ((i = 0; i < reps; i++)); do printf ' %6s' "$(taskset -c 1 "$work/fuse_rtt" "$mnt/probe" 50000)"; done
-echo
+row "all workers moved to CPU 0, client on CPU 0 (same):" taskset -c 0
+row "all workers moved to CPU 0, client on CPU 1 (other):" taskset -c 1

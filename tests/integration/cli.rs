@@ -411,3 +411,71 @@ fn mount_refuses_bad_options_without_touching_the_image() {
     }
     fsck(&c.image);
 }
+
+/// The CPUs each `fuser-N` worker thread of daemon `pid` may run on, as /proc lists them.
+fn worker_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("fuser-") {
+            continue;
+        }
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), cpus));
+    }
+    out.sort();
+    out
+}
+
+/// Polls until every worker's CPU list satisfies `ok` (pinning happens just after the mount).
+fn wait_for_workers(pid: u32, ok: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
+    let start = Instant::now();
+    loop {
+        let w = worker_cpus(pid);
+        if ok(&w) || start.elapsed() > Duration::from_secs(5) {
+            return w;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn workers_are_pinned_one_per_cpu_unless_told_not_to() {
+    let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if ncpus < 2 {
+        eprintln!("one CPU: nothing to pin");
+        return;
+    }
+    // Default: one worker per CPU (up to 16), each allowed on exactly one CPU, all different.
+    let m = Mount::new();
+    let w = wait_for_workers(m.pid(), |w| w.iter().all(|(_, c)| !c.contains([',', '-'])));
+    assert_eq!(w.len(), ncpus.min(16), "workers: {w:?}");
+    let mut cpus: Vec<&str> = w.iter().map(|(_, c)| c.as_str()).collect();
+    assert!(
+        cpus.iter().all(|c| c.parse::<usize>().is_ok()),
+        "not pinned: {w:?}"
+    );
+    cpus.sort_unstable();
+    cpus.dedup();
+    assert_eq!(cpus.len(), w.len(), "two workers share a CPU: {w:?}");
+    fs::write(m.p("f"), b"pinned").unwrap();
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"pinned");
+    m.finish();
+
+    // -o no_pin_threads leaves every worker free to run anywhere.
+    let m = Mount::with(&["--size", "16M"], &["no_pin_threads"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let w = worker_cpus(m.pid());
+    assert!(!w.is_empty());
+    assert!(
+        w.iter().all(|(_, c)| c.contains([',', '-'])),
+        "pinned despite no_pin_threads: {w:?}"
+    );
+    m.finish();
+}
