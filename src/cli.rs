@@ -356,10 +356,14 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
     config.n_threads = Some(usize::from(threads));
     config.clone_fd = clone_fd;
     let fs = Fs::new(engine);
-    let session = match fuser::Session::new(FuseAdapter::new(fs, kopts), &mp, &config) {
+    let adapter = FuseAdapter::new(fs, kopts);
+    let notifier_slot = adapter.notifier_slot();
+    let session = match fuser::Session::new(adapter, &mp, &config) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot mount on {}: {e}", mp.display())),
     };
+    // Before any request is served: workers start in session.run() below.
+    notifier_slot.set(session.notifier()).ok();
     if let Err(e) = tune_bdi(&mp, &bdi) {
         log::warn!("cannot apply backing-device settings: {e}");
     }

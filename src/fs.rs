@@ -8,6 +8,7 @@
 //! and freed at unmount at the latest. After a crash, recovery frees it (it is unreachable).
 //! Locks: see `engine` (no stripe is taken while another is held, except through `lock_many`).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 
 use parking_lot::Mutex;
@@ -78,6 +79,29 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<Time>,
+}
+
+/// Who writes, truncates or chowns a file, as far as set-ID bits are concerned
+/// (see `Fs::drop_privileges`).
+pub struct Changer<'a> {
+    /// Holds `CAP_FSETID`: set-ID bits survive its writes and truncates.
+    pub privileged: bool,
+    /// Whether it belongs to group `gid`; asked only about a set-group-ID file whose group may
+    /// not execute it.
+    pub in_group: &'a dyn Fn(u32) -> bool,
+    /// Set when a set-ID bit or a capability was dropped.
+    pub dropped: Cell<bool>,
+}
+
+impl Changer<'_> {
+    /// A changer that holds every privilege (tests, internal callers).
+    pub fn privileged() -> Changer<'static> {
+        Changer {
+            privileged: true,
+            in_group: &|_| true,
+            dropped: Cell::new(false),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -323,7 +347,7 @@ impl Fs {
         Ok(attr_of(ino, &self.engine.read_inode(ino)?))
     }
 
-    pub fn setattr(&self, ino: u64, s: &SetAttr) -> Result<Attr> {
+    pub fn setattr(&self, ino: u64, s: &SetAttr, by: &Changer) -> Result<Attr> {
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         let t = now_time();
@@ -338,7 +362,12 @@ impl Fs {
             self.truncate(ino, &mut rec, size)?;
             self.engine.mark_structural(ino);
             set_mtime_ctime(&mut rec, t);
+            self.drop_privileges(&mut rec, by, false)?;
             changed = true;
+        }
+        // chown drops set-ID bits whoever calls it (mode bits given with it still win below).
+        if s.uid.is_some() || s.gid.is_some() {
+            self.drop_privileges(&mut rec, by, true)?;
         }
         if let Some(mode) = s.mode {
             rec.mode = ((rec.mode.get() & libc::S_IFMT) | (mode & 0o7777)).into();
@@ -375,6 +404,39 @@ impl Fs {
         }
         self.engine.write_inode(ino, &mut rec)?;
         Ok(attr_of(ino, &rec))
+    }
+
+    /// Drops what a write, truncate or chown takes from a regular file, as the kernel's VFS
+    /// does on tmpfs (with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves it to the daemon, see the
+    /// adapter's `init`): file capabilities always; the set-user-ID bit on chown or when the
+    /// changer lacks `CAP_FSETID`; the set-group-ID bit in the same cases when the group may
+    /// execute the file, else (the bit then marks mandatory locking) only when the changer is
+    /// neither privileged nor in the file's group.
+    fn drop_privileges(&self, rec: &mut Inode, by: &Changer, chown: bool) -> Result<()> {
+        if rec.file_type() != libc::S_IFREG {
+            return Ok(());
+        }
+        let mode = rec.mode.get();
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 && (chown || !by.privileged) {
+            let mut kept = mode & !libc::S_ISUID;
+            if mode & libc::S_ISGID != 0
+                && (mode & libc::S_IXGRP != 0 || !(by.privileged || (by.in_group)(rec.gid.get())))
+            {
+                kept &= !libc::S_ISGID;
+            }
+            if kept != mode {
+                rec.mode = kept.into();
+                by.dropped.set(true);
+            }
+        }
+        if rec.xattr_block.get() != 0 {
+            match self.engine.xattr_remove(rec, b"security.capability") {
+                Ok(()) => by.dropped.set(true),
+                Err(Error::NoAttr) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Changes the size of a locked regular file: frees whole blocks past the end and zeroes
@@ -813,7 +875,8 @@ impl Fs {
         Ok(f(&buf))
     }
 
-    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+    /// Writes `data` at `off`, dropping what a write by `by` drops (set-ID bits, capabilities).
+    pub fn write(&self, ino: u64, off: u64, data: &[u8], by: &Changer) -> Result<u32> {
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         if rec.is_dir() {
@@ -824,6 +887,9 @@ impl Fs {
             return Err(Error::TooBig);
         }
         let r = self.engine.write_data(ino, &mut rec, off, data);
+        if r.is_ok() {
+            self.drop_privileges(&mut rec, by, false)?;
+        }
         if r.is_ok() && end > rec.size.get() {
             rec.size = end.into();
             self.engine.mark_structural(ino);

@@ -1,20 +1,22 @@
 //! The FUSE adapter: implements `fuser::Filesystem` by unpacking each request, calling the
 //! core ([`Fs`]) and translating the result. No filesystem logic lives here.
 
+use std::cell::Cell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, Ctx, FileKind, Fs, SetAttr, SetTime, Time};
+use crate::fs::{Attr, Changer, Ctx, FileKind, Fs, SetAttr, SetTime, Time};
 
 /// How long the kernel may cache attributes and entries, including negative entries. Every
 /// change goes through this mount (the image is locked exclusively) and the kernel invalidates
@@ -35,12 +37,25 @@ pub struct KernelOptions {
 pub struct FuseAdapter {
     fs: Fs,
     opts: KernelOptions,
+    /// Tells the kernel what changed behind its back; set once the session exists
+    /// (`FuseAdapter::notifier_slot`).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseAdapter {
     pub fn new(mut fs: Fs, opts: KernelOptions) -> FuseAdapter {
         fs.set_kernel_owns_write_times(opts.writeback_cache);
-        FuseAdapter { fs, opts }
+        FuseAdapter {
+            fs,
+            opts,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Where the caller puts the session's notifier (`fuser::Session::notifier`) once the
+    /// session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        Arc::clone(&self.notifier)
     }
 }
 
@@ -179,7 +194,12 @@ impl Filesystem for FuseAdapter {
         let mut wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // The daemon drops set-ID bits and capabilities on write, truncate and chown (see
+            // `Fs::drop_privileges`). In exchange the kernel marks files it found without them
+            // (S_NOSEC) and stops asking for security.capability before every write: that
+            // GETXATTR had doubled the round trips of each write(2) (4 KiB random writes).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.opts.writeback_cache {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -226,7 +246,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -251,7 +271,15 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(set_time),
             ctime: ctime.map(from_request_time),
         };
-        match self.fs.setattr(ino.0, &s) {
+        // The kernel's FATTR_KILL_SUIDGID (caller lacks CAP_FSETID) does not reach fuser's
+        // setattr; root stands for the capability.
+        let in_group = |gid| requester_in_group(req, gid);
+        let by = Changer {
+            privileged: req.uid() == 0,
+            in_group: &in_group,
+            dropped: Cell::new(false),
+        };
+        match self.fs.setattr(ino.0, &s, &by) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -393,18 +421,39 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
-            Ok(n) => reply.written(n),
+        let in_group = |gid| requester_in_group(req, gid);
+        let by = Changer {
+            privileged: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
+            in_group: &in_group,
+            dropped: Cell::new(false),
+        };
+        match self.fs.write(ino.0, offset, data, &by) {
+            Ok(n) => {
+                // The WRITE reply carries no attributes, so the kernel would go on showing (and
+                // honouring, for exec) set-ID bits the write dropped until its cached attributes
+                // expire. Attributes only (offset -1): the page cache stays.
+                if by.dropped.get() {
+                    match self.notifier.get() {
+                        Some(n) => {
+                            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                                log::warn!("cannot invalidate attributes of inode {}: {e}", ino.0);
+                            }
+                        }
+                        None => log::warn!("no notifier: inode {} attributes stay cached", ino.0),
+                    }
+                }
+                reply.written(n)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -619,4 +668,20 @@ impl Filesystem for FuseAdapter {
             Err(e) => reply.error(errno(&e)),
         }
     }
+}
+
+/// Whether the process that sent `req` belongs to group `gid`: its primary group or one of its
+/// supplementary groups, which only /proc tells (read on the rare path that needs it). When it
+/// cannot be told, the answer is no, so a set-group-ID bit is dropped rather than kept.
+fn requester_in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use mmapfs::engine::{Engine, OpenMode, check};
 use mmapfs::format::ROOT_INO;
-use mmapfs::fs::{Ctx, Fs, RenameFlags, SetAttr};
+use mmapfs::fs::{Changer, Ctx, Fs, RenameFlags, SetAttr};
 use proptest::prelude::*;
 
 const CTX: Ctx = Ctx { uid: 0, gid: 0 };
@@ -216,7 +216,9 @@ fn apply(h: &mut Harness, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
         } => {
             if let (Some(&id), Some(ino)) = (m.names.get(NAMES[file]), h.ino(NAMES[file])) {
                 let data = pattern(len, seed);
-                h.fs().write(ino, off, &data).unwrap();
+                h.fs()
+                    .write(ino, off, &data, &Changer::privileged())
+                    .unwrap();
                 let f = m.files.get_mut(&id).unwrap();
                 for (i, b) in data.iter().enumerate() {
                     f.1.insert(off + i as u64, *b);
@@ -232,7 +234,7 @@ fn apply(h: &mut Harness, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
                     size: Some(size),
                     ..Default::default()
                 };
-                h.fs().setattr(ino, &s).unwrap();
+                h.fs().setattr(ino, &s, &Changer::privileged()).unwrap();
                 let f = m.files.get_mut(&id).unwrap();
                 f.0 = size;
                 f.1.retain(|&o, _| o < size);
@@ -394,7 +396,9 @@ fn readdir_resumes_while_deleting() {
 fn unlinked_inode_lives_until_forgotten() {
     let mut h = Harness::new();
     let a = h.fs().create(ROOT_INO, b"open", 0o644, CTX).unwrap();
-    h.fs().write(a.ino, 0, &vec![7u8; 1 << 20]).unwrap();
+    h.fs()
+        .write(a.ino, 0, &vec![7u8; 1 << 20], &Changer::privileged())
+        .unwrap();
     let free_before = h.fs().statfs().bfree;
     h.fs().unlink(ROOT_INO, b"open").unwrap();
     assert_eq!(h.fs().read(a.ino, 100, 1, |d| d[0]).unwrap(), 7);
@@ -410,25 +414,35 @@ fn unlinked_inode_lives_until_forgotten() {
 fn truncate_then_grow_reads_zeros() {
     let mut h = Harness::new();
     let a = h.fs().create(ROOT_INO, b"t", 0o644, CTX).unwrap();
-    h.fs().write(a.ino, 0, &[0xab; 5000]).unwrap();
+    h.fs()
+        .write(a.ino, 0, &[0xab; 5000], &Changer::privileged())
+        .unwrap();
     let shrink = SetAttr {
         size: Some(100),
         ..Default::default()
     };
-    h.fs().setattr(a.ino, &shrink).unwrap();
+    h.fs()
+        .setattr(a.ino, &shrink, &Changer::privileged())
+        .unwrap();
     let grow = SetAttr {
         size: Some(5000),
         ..Default::default()
     };
-    h.fs().setattr(a.ino, &grow).unwrap();
+    h.fs()
+        .setattr(a.ino, &grow, &Changer::privileged())
+        .unwrap();
     let got = h.fs().read(a.ino, 0, 5000, |d| d.to_vec()).unwrap();
     assert!(got[..100].iter().all(|&b| b == 0xab));
     assert!(
         got[100..].iter().all(|&b| b == 0),
         "stale bytes after shrink+grow"
     );
-    h.fs().setattr(a.ino, &shrink).unwrap();
-    h.fs().write(a.ino, 300, b"x").unwrap();
+    h.fs()
+        .setattr(a.ino, &shrink, &Changer::privileged())
+        .unwrap();
+    h.fs()
+        .write(a.ino, 300, b"x", &Changer::privileged())
+        .unwrap();
     let got = h.fs().read(a.ino, 0, 301, |d| d.to_vec()).unwrap();
     assert!(
         got[100..300].iter().all(|&b| b == 0),

@@ -947,3 +947,104 @@ fn readdir_while_creating_and_deleting() {
     );
     m.finish();
 }
+
+/// The mode as the kernel reports it when asked for nothing else (statx with STATX_MODE): from
+/// its attribute cache, which a write's reply does not refresh.
+fn cached_mode(p: &Path) -> u32 {
+    // SAFETY: statx is plain old data and statx(2) fills it.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a valid out pointer.
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            cpath(p).as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MODE,
+            &mut st,
+        )
+    };
+    assert_eq!(r, 0, "statx {}", p.display());
+    u32::from(st.stx_mode) & 0o7777
+}
+
+/// Set-ID bits and file capabilities drop on write, truncate and chown exactly as on tmpfs (the
+/// daemon does it: FUSE_HANDLE_KILLPRIV_V2), and the kernel's cached mode follows at once.
+#[test]
+fn setid_bits_and_capabilities_drop_like_tmpfs() {
+    let m = Mount::new();
+    fs::set_permissions(m.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let file = |name: &str, mode: u32| {
+        let p = m.p(name);
+        fs::write(&p, b"").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(cached_mode(&p), mode);
+        p
+    };
+    let q = |p: &Path| p.display().to_string();
+
+    // Written by a user without CAP_FSETID: both bits go (the group may execute).
+    let a = file("a", 0o6777);
+    let out = as_nobody(&format!("echo x >> {}", q(&a)));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(cached_mode(&a), 0o777);
+    // Set-group-ID without group execute marks mandatory locking: it stays when the writer is
+    // in the file's group, and goes when it is not.
+    let b = file("b", 0o2767);
+    as_nobody(&format!("echo x >> {}", q(&b)));
+    assert_eq!(cached_mode(&b), 0o767);
+    let b2 = file("b2", 0o2767);
+    std::os::unix::fs::lchown(&b2, None, Some(65534)).unwrap();
+    fs::set_permissions(&b2, fs::Permissions::from_mode(0o2767)).unwrap();
+    as_nobody(&format!("echo x >> {}", q(&b2)));
+    assert_eq!(cached_mode(&b2), 0o2767);
+    // Root keeps them on write and truncate.
+    let c = file("c", 0o6777);
+    OpenOptions::new().append(true).open(&c).unwrap().write_all(b"x").unwrap();
+    assert_eq!(cached_mode(&c), 0o6777);
+    let e = file("e", 0o6777);
+    OpenOptions::new().write(true).open(&e).unwrap().set_len(0).unwrap();
+    assert_eq!(cached_mode(&e), 0o6777);
+    // Truncated by an unprivileged user: dropped.
+    let d = file("d", 0o6777);
+    let out = as_nobody(&format!("truncate -s 0 {}", q(&d)));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(cached_mode(&d), 0o777);
+    // chown drops them even for root; the group bit only when the group may execute.
+    let f = file("f", 0o6755);
+    std::os::unix::fs::lchown(&f, Some(65534), None).unwrap();
+    assert_eq!(cached_mode(&f), 0o755);
+    let h = file("h", 0o6745);
+    std::os::unix::fs::lchown(&h, Some(0), Some(65534)).unwrap();
+    assert_eq!(cached_mode(&h), 0o2745);
+    // After a chmod puts the bits back, the next write drops them again.
+    let out = as_nobody(&format!("echo y >> {}", q(&a)));
+    assert!(out.status.success(), "{}", describe(&out));
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o6777)).unwrap();
+    as_nobody(&format!("echo z >> {}", q(&a)));
+    assert_eq!(cached_mode(&a), 0o777);
+
+    // File capabilities (a valid v2 capability set: cap_net_raw, effective) go with any write.
+    let k = file("k", 0o755);
+    let mut caps = Vec::new();
+    for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        caps.extend_from_slice(&word.to_le_bytes());
+    }
+    setxattr(&k, "security.capability", &caps, 0).unwrap();
+    assert!(getxattr_cap(&k, "security.capability", 64).is_ok());
+    OpenOptions::new().append(true).open(&k).unwrap().write_all(b"x").unwrap();
+    assert_eq!(
+        getxattr_cap(&k, "security.capability", 64),
+        Err(libc::ENODATA)
+    );
+
+    // What the kernel showed is what the image holds.
+    let mut m = m;
+    m.remount();
+    for (name, mode) in [("a", 0o777), ("b", 0o767), ("b2", 0o2767), ("c", 0o6777)] {
+        assert_eq!(lstat(&m.p(name)).st_mode & 0o7777, mode, "{name}");
+    }
+    for (name, mode) in [("d", 0o777), ("e", 0o6777), ("f", 0o755), ("h", 0o2745)] {
+        assert_eq!(lstat(&m.p(name)).st_mode & 0o7777, mode, "{name}");
+    }
+    m.finish();
+}
