@@ -56,7 +56,19 @@ impl Image {
     /// is the initial length; it must be a multiple of the page size.
     pub fn map(file: File) -> io::Result<Image> {
         let len = file.metadata()?.len();
-        if len % PAGE_SIZE != 0 {
+        Image::map_prefix(file, len)
+    }
+
+    /// Like `map`, with an initial length of `len` bytes, at most the file's size: the rest of
+    /// the file is left alone (a tail the image does not own yet).
+    pub fn map_prefix(file: File, len: u64) -> io::Result<Image> {
+        if len > file.metadata()?.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("image length {len} exceeds the file"),
+            ));
+        }
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("image size {len} is not a multiple of {PAGE_SIZE}"),

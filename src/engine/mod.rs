@@ -145,7 +145,13 @@ fn read_superblock(file: &mut File, path: &str) -> std::result::Result<Superbloc
         return Err(corrupt(format!("block size {} unsupported", sb.block_size)));
     }
     let total = sb.total_blocks.get();
-    if total < 4 || total.checked_mul(BLOCK_SIZE) != Some(len) {
+    // A longer file is a growth that a crash interrupted after the host file grew and before
+    // the superblock said so: nothing lives past `total` yet (see `Engine::open`).
+    if total < 4
+        || total
+            .checked_mul(BLOCK_SIZE)
+            .is_none_or(|bytes| bytes > len)
+    {
         return Err(corrupt(format!(
             "superblock says {total} blocks but the file holds {len} bytes (truncated?)"
         )));
@@ -331,7 +337,20 @@ impl Engine {
             return Err(OpenError::Busy(p));
         }
         let sb = read_superblock(&mut file, &p)?;
-        let img = Image::map(file).map_err(io_err)?;
+        let bytes = sb.total_blocks.get() * BLOCK_SIZE;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len > bytes && mode == OpenMode::Mount {
+            // The allocator hands out blocks only below the superblock's count, and the count
+            // is written after the host file grows: the tail is unused space from a growth
+            // that a crash interrupted. Give it back so file and superblock agree again.
+            log::warn!(
+                "{p}: file is {} bytes longer than the image (growth interrupted); trimming",
+                len - bytes
+            );
+            file.set_len(bytes).map_err(io_err)?;
+        }
+        // Inspection leaves a longer file as it is and sees only the image's own length.
+        let img = Image::map_prefix(file, bytes).map_err(io_err)?;
         let mut engine = Engine {
             epoch: 0,
             itab_tree: AtomicU64::new(sb.itab_tree.get()),

@@ -407,3 +407,33 @@ fn damaged_name_is_caught_by_its_checksum() {
     assert!(!listed.contains(&"name-04".to_string()));
     m.finish();
 }
+
+/// A crash between the host file's growth and the superblock's new size leaves the file longer
+/// than the image: inspection works and changes nothing, and the next mount trims the tail.
+#[test]
+fn interrupted_growth_leaves_a_mountable_image() {
+    let mut m = Mount::new();
+    fs::write(m.p("keep"), pattern(5, 0, 300_000)).unwrap();
+    m.kill9();
+    let image_len = fs::metadata(m.image()).unwrap().len();
+    // What ext4 leaves when a fatal signal stops posix_fallocate part way: a longer file.
+    let f = OpenOptions::new().write(true).open(m.image()).unwrap();
+    f.set_len(image_len + (3 << 20)).unwrap();
+    drop(f);
+    let text = info(m.image());
+    assert!(text.contains("dirty"), "{text}");
+    fsck(m.image());
+    assert_eq!(
+        fs::metadata(m.image()).unwrap().len(),
+        image_len + (3 << 20),
+        "inspection changed the file"
+    );
+    m.mount();
+    assert_eq!(fs::read(m.p("keep")).unwrap(), pattern(5, 0, 300_000));
+    assert_eq!(fs::metadata(m.image()).unwrap().len(), image_len);
+    // The image still grows normally afterwards.
+    fs::write(m.p("big"), pattern(6, 0, 24 << 20)).unwrap();
+    m.remount();
+    assert_eq!(fs::read(m.p("big")).unwrap(), pattern(6, 0, 24 << 20));
+    m.finish();
+}

@@ -999,10 +999,20 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     assert_eq!(cached_mode(&b2), 0o2767);
     // Root keeps them on write and truncate.
     let c = file("c", 0o6777);
-    OpenOptions::new().append(true).open(&c).unwrap().write_all(b"x").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&c)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
     assert_eq!(cached_mode(&c), 0o6777);
     let e = file("e", 0o6777);
-    OpenOptions::new().write(true).open(&e).unwrap().set_len(0).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&e)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     assert_eq!(cached_mode(&e), 0o6777);
     // Truncated by an unprivileged user: dropped.
     let d = file("d", 0o6777);
@@ -1031,7 +1041,12 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     }
     setxattr(&k, "security.capability", &caps, 0).unwrap();
     assert!(getxattr_cap(&k, "security.capability", 64).is_ok());
-    OpenOptions::new().append(true).open(&k).unwrap().write_all(b"x").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&k)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
     assert_eq!(
         getxattr_cap(&k, "security.capability", 64),
         Err(libc::ENODATA)
