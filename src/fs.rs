@@ -876,7 +876,9 @@ impl Fs {
     }
 
     /// Writes `data` at `off`, dropping what a write by `by` drops (set-ID bits, capabilities).
-    pub fn write(&self, ino: u64, off: u64, data: &[u8], by: &Changer) -> Result<u32> {
+    /// `by` is `None` for the write-back of pages stored through a mapping, which drops nothing
+    /// (as on tmpfs, where stores through a mapping never touch set-ID bits or capabilities).
+    pub fn write(&self, ino: u64, off: u64, data: &[u8], by: Option<&Changer>) -> Result<u32> {
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         if rec.is_dir() {
@@ -887,9 +889,12 @@ impl Fs {
             return Err(Error::TooBig);
         }
         let r = self.engine.write_data(ino, &mut rec, off, data);
-        if r.is_ok() {
-            self.drop_privileges(&mut rec, by, false)?;
-        }
+        // Applied to the record before it is written back, but its error only after: the data
+        // and the new size must be recorded either way.
+        let dropped = match by {
+            Some(by) if r.is_ok() => self.drop_privileges(&mut rec, by, false),
+            _ => Ok(()),
+        };
         if r.is_ok() && end > rec.size.get() {
             rec.size = end.into();
             self.engine.mark_structural(ino);
@@ -898,6 +903,7 @@ impl Fs {
             set_mtime_ctime(&mut rec, now_time());
         }
         self.engine.write_inode(ino, &mut rec)?;
+        dropped?;
         r.map(|_| data.len() as u32)
     }
 

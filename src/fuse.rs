@@ -437,7 +437,11 @@ impl Filesystem for FuseAdapter {
             in_group: &in_group,
             dropped: Cell::new(false),
         };
-        match self.fs.write(ino.0, offset, data, &by) {
+        // Page-cache write-back (mmap stores; every write with the writeback cache, where the
+        // kernel itself falls back to a direct write when set-ID bits must go) drops nothing.
+        let from_page_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let changer = (!from_page_cache).then_some(&by);
+        match self.fs.write(ino.0, offset, data, changer) {
             Ok(n) => {
                 // The WRITE reply carries no attributes, so the kernel would go on showing (and
                 // honouring, for exec) set-ID bits the write dropped until its cached attributes

@@ -217,7 +217,7 @@ fn apply(h: &mut Harness, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             if let (Some(&id), Some(ino)) = (m.names.get(NAMES[file]), h.ino(NAMES[file])) {
                 let data = pattern(len, seed);
                 h.fs()
-                    .write(ino, off, &data, &Changer::privileged())
+                    .write(ino, off, &data, Some(&Changer::privileged()))
                     .unwrap();
                 let f = m.files.get_mut(&id).unwrap();
                 for (i, b) in data.iter().enumerate() {
@@ -397,7 +397,7 @@ fn unlinked_inode_lives_until_forgotten() {
     let mut h = Harness::new();
     let a = h.fs().create(ROOT_INO, b"open", 0o644, CTX).unwrap();
     h.fs()
-        .write(a.ino, 0, &vec![7u8; 1 << 20], &Changer::privileged())
+        .write(a.ino, 0, &vec![7u8; 1 << 20], Some(&Changer::privileged()))
         .unwrap();
     let free_before = h.fs().statfs().bfree;
     h.fs().unlink(ROOT_INO, b"open").unwrap();
@@ -415,7 +415,7 @@ fn truncate_then_grow_reads_zeros() {
     let mut h = Harness::new();
     let a = h.fs().create(ROOT_INO, b"t", 0o644, CTX).unwrap();
     h.fs()
-        .write(a.ino, 0, &[0xab; 5000], &Changer::privileged())
+        .write(a.ino, 0, &[0xab; 5000], Some(&Changer::privileged()))
         .unwrap();
     let shrink = SetAttr {
         size: Some(100),
@@ -441,7 +441,7 @@ fn truncate_then_grow_reads_zeros() {
         .setattr(a.ino, &shrink, &Changer::privileged())
         .unwrap();
     h.fs()
-        .write(a.ino, 300, b"x", &Changer::privileged())
+        .write(a.ino, 300, b"x", Some(&Changer::privileged()))
         .unwrap();
     let got = h.fs().read(a.ino, 0, 301, |d| d.to_vec()).unwrap();
     assert!(

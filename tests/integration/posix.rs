@@ -1051,11 +1051,42 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
         getxattr_cap(&k, "security.capability", 64),
         Err(libc::ENODATA)
     );
+    // Stores through a mapping drop nothing, neither set-ID bits nor capabilities (the page
+    // cache's write-back reaches the daemon as ordinary WRITEs).
+    let s = file("s", 0o6777);
+    fs::write(&s, b"abcd").unwrap();
+    setxattr(&s, "security.capability", &caps, 0).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&s).unwrap();
+    // SAFETY: a fresh shared mapping of 4 bytes of an open file, unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        *p.cast::<u8>() = b'X';
+        assert_eq!(libc::msync(p, 4, libc::MS_SYNC), 0);
+        libc::munmap(p, 4);
+    }
+    drop(f);
+    assert_eq!(fs::read(&s).unwrap(), b"Xbcd");
+    assert_eq!(cached_mode(&s), 0o6777);
+    assert!(getxattr_cap(&s, "security.capability", 64).is_ok());
 
     // What the kernel showed is what the image holds.
     let mut m = m;
     m.remount();
-    for (name, mode) in [("a", 0o777), ("b", 0o767), ("b2", 0o2767), ("c", 0o6777)] {
+    for (name, mode) in [
+        ("a", 0o777),
+        ("b", 0o767),
+        ("b2", 0o2767),
+        ("c", 0o6777),
+        ("s", 0o6777),
+    ] {
         assert_eq!(lstat(&m.p(name)).st_mode & 0o7777, mode, "{name}");
     }
     for (name, mode) in [("d", 0o777), ("e", 0o6777), ("f", 0o755), ("h", 0o2745)] {
