@@ -369,6 +369,19 @@ impl Fs {
         if s.uid.is_some() || s.gid.is_some() {
             self.drop_privileges(&mut rec, by, true)?;
         }
+        // A SETATTR that sets nothing is what is left of the kernel's own request to drop
+        // privileges (before fallocate, copy_file_range, a write, chown(f, -1, -1)) once it
+        // leaves that to the daemon: drop them as for a write by the caller.
+        let sets_nothing = s.mode.is_none()
+            && s.uid.is_none()
+            && s.gid.is_none()
+            && s.size.is_none()
+            && s.atime.is_none()
+            && s.mtime.is_none();
+        if sets_nothing {
+            self.drop_privileges(&mut rec, by, false)?;
+            changed |= by.dropped.get();
+        }
         if let Some(mode) = s.mode {
             rec.mode = ((rec.mode.get() & libc::S_IFMT) | (mode & 0o7777)).into();
             changed = true;

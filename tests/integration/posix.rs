@@ -1026,6 +1026,37 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     let h = file("h", 0o6745);
     std::os::unix::fs::lchown(&h, Some(0), Some(65534)).unwrap();
     assert_eq!(cached_mode(&h), 0o2745);
+    // The kernel's own requests to drop them (before fallocate, copy_file_range, or a chown
+    // that changes nothing) reach the daemon as a SETATTR that sets nothing.
+    let fa = file("fa", 0o6777);
+    let out = as_nobody(&format!("fallocate -l 8192 {}", q(&fa)));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(cached_mode(&fa), 0o777);
+    let fr = file("fr", 0o6777);
+    let out = run(Command::new("fallocate").args(["-l", "8192"]).arg(&fr));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(cached_mode(&fr), 0o6777);
+    fs::write(m.p("src"), b"hello").unwrap();
+    let cf = file("cf", 0o6777);
+    let out = as_nobody(&format!(
+        "/usr/bin/python3 -c 'import os; a = os.open(\"{}\", os.O_RDONLY); \
+         b = os.open(\"{}\", os.O_WRONLY); os.copy_file_range(a, b, 5)'",
+        q(&m.p("src")),
+        q(&cf)
+    ));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(fs::read(&cf).unwrap(), b"hello");
+    assert_eq!(cached_mode(&cf), 0o777);
+    let cn = file("cn", 0o6777);
+    std::os::unix::fs::lchown(&cn, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&cn, fs::Permissions::from_mode(0o6777)).unwrap();
+    let out = as_nobody(&format!(
+        "/usr/bin/python3 -c 'import os; os.chown(\"{}\", -1, -1)'",
+        q(&cn)
+    ));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(cached_mode(&cn), 0o777);
+
     // After a chmod puts the bits back, the next write drops them again.
     let out = as_nobody(&format!("echo y >> {}", q(&a)));
     assert!(out.status.success(), "{}", describe(&out));
