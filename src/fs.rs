@@ -93,14 +93,18 @@ pub struct Changer<'a> {
     pub dropped: Cell<bool>,
 }
 
-impl Changer<'_> {
-    /// A changer that holds every privilege (tests, internal callers).
-    pub fn privileged() -> Changer<'static> {
+impl<'a> Changer<'a> {
+    pub fn new(privileged: bool, in_group: &'a dyn Fn(u32) -> bool) -> Changer<'a> {
         Changer {
-            privileged: true,
-            in_group: &|_| true,
+            privileged,
+            in_group,
             dropped: Cell::new(false),
         }
+    }
+
+    /// A changer that holds every privilege (tests, internal callers).
+    pub fn privileged() -> Changer<'static> {
+        Changer::new(true, &|_| true)
     }
 }
 

@@ -1,7 +1,6 @@
 //! The FUSE adapter: implements `fuser::Filesystem` by unpacking each request, calling the
 //! core ([`Fs`]) and translating the result. No filesystem logic lives here.
 
-use std::cell::Cell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -274,11 +273,7 @@ impl Filesystem for FuseAdapter {
         // The kernel's FATTR_KILL_SUIDGID (caller lacks CAP_FSETID) does not reach fuser's
         // setattr; root stands for the capability.
         let in_group = |gid| requester_in_group(req, gid);
-        let by = Changer {
-            privileged: req.uid() == 0,
-            in_group: &in_group,
-            dropped: Cell::new(false),
-        };
+        let by = Changer::new(req.uid() == 0, &in_group);
         match self.fs.setattr(ino.0, &s, &by) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -432,11 +427,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let in_group = |gid| requester_in_group(req, gid);
-        let by = Changer {
-            privileged: !write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
-            in_group: &in_group,
-            dropped: Cell::new(false),
-        };
+        let killing = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let by = Changer::new(!killing, &in_group);
         // Page-cache write-back (mmap stores; every write with the writeback cache, where the
         // kernel itself falls back to a direct write when set-ID bits must go) drops nothing.
         let from_page_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);

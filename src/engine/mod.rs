@@ -119,7 +119,11 @@ fn block_off(block: u64) -> u64 {
 }
 
 /// Reads and validates the superblock with plain reads, before anything is mapped (LMDB-style).
-fn read_superblock(file: &mut File, path: &str) -> std::result::Result<Superblock, OpenError> {
+/// Returns it with the file's length.
+fn read_superblock(
+    file: &mut File,
+    path: &str,
+) -> std::result::Result<(Superblock, u64), OpenError> {
     let io_err = |source| OpenError::Io {
         path: path.to_string(),
         source,
@@ -172,7 +176,7 @@ fn read_superblock(file: &mut File, path: &str) -> std::result::Result<Superbloc
     if slots < 2 || slots % INODES_PER_BLOCK != 0 || slots / INODES_PER_BLOCK > total {
         return Err(corrupt(format!("inode table size {slots} invalid")));
     }
-    Ok(sb)
+    Ok((sb, len))
 }
 
 /// How long `open` waits for the image lock: `fusermount3 -u` returns before the daemon has
@@ -336,9 +340,8 @@ impl Engine {
         if !lock_with_grace(&file).map_err(io_err)? {
             return Err(OpenError::Busy(p));
         }
-        let sb = read_superblock(&mut file, &p)?;
+        let (sb, len) = read_superblock(&mut file, &p)?;
         let bytes = sb.total_blocks.get() * BLOCK_SIZE;
-        let len = file.metadata().map_err(io_err)?.len();
         if len > bytes && mode == OpenMode::Mount {
             // The allocator hands out blocks only below the superblock's count, and the count
             // is written after the host file grows: the tail is unused space from a growth

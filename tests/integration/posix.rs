@@ -533,6 +533,12 @@ fn as_nobody(script: &str) -> std::process::Output {
         .arg(script))
 }
 
+/// `as_nobody` for a script that must succeed.
+fn as_nobody_ok(script: &str) {
+    let out = as_nobody(script);
+    assert!(out.status.success(), "{script}: {}", describe(&out));
+}
+
 #[test]
 fn permissions_are_enforced_for_other_users() {
     let m = Mount::new();
@@ -984,18 +990,17 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
 
     // Written by a user without CAP_FSETID: both bits go (the group may execute).
     let a = file("a", 0o6777);
-    let out = as_nobody(&format!("echo x >> {}", q(&a)));
-    assert!(out.status.success(), "{}", describe(&out));
+    as_nobody_ok(&format!("echo x >> {}", q(&a)));
     assert_eq!(cached_mode(&a), 0o777);
     // Set-group-ID without group execute marks mandatory locking: it stays when the writer is
     // in the file's group, and goes when it is not.
     let b = file("b", 0o2767);
-    as_nobody(&format!("echo x >> {}", q(&b)));
+    as_nobody_ok(&format!("echo x >> {}", q(&b)));
     assert_eq!(cached_mode(&b), 0o767);
     let b2 = file("b2", 0o2767);
     std::os::unix::fs::lchown(&b2, None, Some(65534)).unwrap();
     fs::set_permissions(&b2, fs::Permissions::from_mode(0o2767)).unwrap();
-    as_nobody(&format!("echo x >> {}", q(&b2)));
+    as_nobody_ok(&format!("echo x >> {}", q(&b2)));
     assert_eq!(cached_mode(&b2), 0o2767);
     // Root keeps them on write and truncate.
     let c = file("c", 0o6777);
@@ -1016,8 +1021,7 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     assert_eq!(cached_mode(&e), 0o6777);
     // Truncated by an unprivileged user: dropped.
     let d = file("d", 0o6777);
-    let out = as_nobody(&format!("truncate -s 0 {}", q(&d)));
-    assert!(out.status.success(), "{}", describe(&out));
+    as_nobody_ok(&format!("truncate -s 0 {}", q(&d)));
     assert_eq!(cached_mode(&d), 0o777);
     // chown drops them even for root; the group bit only when the group may execute.
     let f = file("f", 0o6755);
@@ -1029,8 +1033,7 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     // The kernel's own requests to drop them (before fallocate, copy_file_range, or a chown
     // that changes nothing) reach the daemon as a SETATTR that sets nothing.
     let fa = file("fa", 0o6777);
-    let out = as_nobody(&format!("fallocate -l 8192 {}", q(&fa)));
-    assert!(out.status.success(), "{}", describe(&out));
+    as_nobody_ok(&format!("fallocate -l 8192 {}", q(&fa)));
     assert_eq!(cached_mode(&fa), 0o777);
     let fr = file("fr", 0o6777);
     let out = run(Command::new("fallocate").args(["-l", "8192"]).arg(&fr));
@@ -1038,30 +1041,27 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     assert_eq!(cached_mode(&fr), 0o6777);
     fs::write(m.p("src"), b"hello").unwrap();
     let cf = file("cf", 0o6777);
-    let out = as_nobody(&format!(
+    as_nobody_ok(&format!(
         "/usr/bin/python3 -c 'import os; a = os.open(\"{}\", os.O_RDONLY); \
          b = os.open(\"{}\", os.O_WRONLY); os.copy_file_range(a, b, 5)'",
         q(&m.p("src")),
         q(&cf)
     ));
-    assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(fs::read(&cf).unwrap(), b"hello");
     assert_eq!(cached_mode(&cf), 0o777);
     let cn = file("cn", 0o6777);
     std::os::unix::fs::lchown(&cn, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&cn, fs::Permissions::from_mode(0o6777)).unwrap();
-    let out = as_nobody(&format!(
+    as_nobody_ok(&format!(
         "/usr/bin/python3 -c 'import os; os.chown(\"{}\", -1, -1)'",
         q(&cn)
     ));
-    assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(cached_mode(&cn), 0o777);
 
     // After a chmod puts the bits back, the next write drops them again.
-    let out = as_nobody(&format!("echo y >> {}", q(&a)));
-    assert!(out.status.success(), "{}", describe(&out));
+    as_nobody_ok(&format!("echo y >> {}", q(&a)));
     fs::set_permissions(&a, fs::Permissions::from_mode(0o6777)).unwrap();
-    as_nobody(&format!("echo z >> {}", q(&a)));
+    as_nobody_ok(&format!("echo z >> {}", q(&a)));
     assert_eq!(cached_mode(&a), 0o777);
 
     // File capabilities (a valid v2 capability set: cap_net_raw, effective) go with any write.
