@@ -132,11 +132,38 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn fsck(image: &Path, repair: bool) -> ExitCode {
-    let engine = match Engine::open(image, OpenMode::Inspect) {
+    // Repair opens the image as a mount does: recovery runs first, and fixes are transactions.
+    let open_mode = if repair {
+        OpenMode::Mount
+    } else {
+        OpenMode::Inspect
+    };
+    let engine = match Engine::open(image, open_mode) {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
-    let dirty = engine.superblock().state.get() != STATE_CLEAN;
+    let rec = engine.recovery().clone();
+    if let Some(why) = &rec.rolled_back {
+        println!("recovery: {why}");
+    }
+    if let Some(why) = &rec.other_slot {
+        println!("note: {why}");
+    }
+    if repair {
+        if rec.orphans > 0 {
+            println!("recovery: freed {} unlinked files left open", rec.orphans);
+        }
+    } else if rec.needed() {
+        let orphans = match rec.orphans {
+            0 => String::new(),
+            n => format!(", freeing {n} unlinked files left open"),
+        };
+        println!(
+            "needs recovery: not cleanly unmounted; the next mount (or fsck --repair) uses \
+             transaction {}{orphans}",
+            rec.txn
+        );
+    }
     let mode = if repair {
         check::Mode::Repair
     } else {
@@ -157,16 +184,11 @@ fn fsck(image: &Path, repair: bool) -> ExitCode {
                 println!("problem: {p}");
             }
             println!(
-                "{}: {} inodes, {} directories, {} blocks used{}",
+                "{}: {} inodes, {} directories, {} blocks used",
                 image.display(),
                 report.inodes,
                 report.directories,
                 report.blocks_used,
-                if dirty && !repair {
-                    " (not cleanly unmounted: the next mount recovers it)"
-                } else {
-                    ""
-                }
             );
             if report.problems.is_empty() {
                 println!("clean");
@@ -190,6 +212,7 @@ fn info(image: &Path) -> ExitCode {
         Err(e) => return fail(e),
     };
     let sb = engine.superblock();
+    let rec = engine.recovery();
     let total = sb.total_blocks.get();
     let free = sb.free_blocks.get();
     let mib = |blocks: u64| blocks as f64 * BLOCK_SIZE as f64 / (1 << 20) as f64;
@@ -197,12 +220,20 @@ fn info(image: &Path) -> ExitCode {
     println!("image:        {}", image.display());
     println!("format:       mmapfs version {}", sb.version);
     println!("uuid:         {uuid}");
+    let state = match rec.state {
+        STATE_CLEAN => "clean",
+        STATE_ERRORS => "damage was found: run `mmapfs fsck --repair`",
+        _ => "not cleanly unmounted: the next mount recovers it",
+    };
+    println!("state:        {state}");
     println!(
-        "state:        {}",
-        if sb.state.get() == STATE_CLEAN {
-            "clean"
+        "transaction:  {} (superblock {}{})",
+        rec.txn,
+        rec.slot,
+        if rec.rolled_back.is_some() {
+            "; the newest commit was incomplete"
         } else {
-            "dirty (not cleanly unmounted)"
+            ""
         }
     );
     println!("block size:   {BLOCK_SIZE}");
@@ -217,6 +248,9 @@ fn info(image: &Path) -> ExitCode {
         "inodes:       {} used, {} slots",
         sb.used_inodes, sb.itab_slots
     );
+    if rec.orphans > 0 {
+        println!("orphans:      {} (freed at the next mount)", rec.orphans);
+    }
     println!("created:      {} (unix time)", sb.created_sec);
     println!("mount count:  {}", sb.mount_count);
     ExitCode::SUCCESS

@@ -39,6 +39,8 @@ pub enum Error {
     NotSupported,
     #[error("no more data")]
     NoData,
+    #[error("read-only file system")]
+    ReadOnly,
     #[error("image is corrupted: {0}")]
     Corrupt(String),
     #[error("I/O error: {0}")]
@@ -68,6 +70,7 @@ impl Error {
             Error::ArgTooBig => libc::E2BIG,
             Error::NotSupported => libc::EOPNOTSUPP,
             Error::NoData => libc::ENXIO,
+            Error::ReadOnly => libc::EROFS,
             Error::Corrupt(_) => libc::EIO,
             Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }

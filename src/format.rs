@@ -1,54 +1,107 @@
-//! On-image structures: little-endian, fixed layout, versioned, checksummed. `docs/format.md`
-//! is the byte-level specification; every offset there is asserted here at compile time.
+//! On-image structures of format version 2: little-endian, fixed layout, checksummed.
+//! `docs/format.md` is the byte-level specification; every size and offset it names is asserted
+//! here at compile time. `docs/design/transactions.md` explains how the structures change.
 //!
 //! Invariants that double as fsck rules:
-//! - Block 0 holds the superblock; block numbers are `< total_blocks`.
-//! - Group `g` covers blocks `[g * GROUP_BLOCKS, (g + 1) * GROUP_BLOCKS)`; its allocation bitmap
-//!   is block [`bitmap_block`]`(g)`, bit set = block in use.
-//! - Inode `n` lives at byte `n * INODE_SIZE` of the inode-table tree (a block tree like a file's).
-//! - Every block in use is owned exactly once: by the superblock, a bitmap, an inode-table or
-//!   file tree (node or data), or an xattr block.
+//! - Blocks 0 and 1 are the two superblock slots; the valid one with the higher `txn` is the
+//!   newest state. Every other block in use is reachable from that state exactly once: a node of
+//!   the space-map tree or a bitmap, a node or leaf of the inode-table tree, a node or block of a
+//!   file's or directory's tree, or an xattr block.
+//! - Every metadata block ends in a [`Trailer`] whose `birth` is at most the state's `txn`.
+//! - Block pointers are below `total_blocks` and below 2^48 (the upper bits are reserved, 0).
+//! - Bit `i` of the bitmap of group `g` is set iff block `g * GROUP_BLOCKS + i` is in use.
 
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// Size of a block, the unit of allocation and of mapping.
+/// Size of a block, the unit of allocation, copy-on-write and flushing.
 pub const BLOCK_SIZE: u64 = 4096;
 /// First 8 bytes of every image.
 pub const MAGIC: [u8; 8] = *b"MMAPFS\0\x1a";
 /// The format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
-/// Blocks per allocation group: one bitmap block holds one bit per block of its group.
-pub const GROUP_BLOCKS: u64 = BLOCK_SIZE * 8;
-/// Size of one inode record.
-pub const INODE_SIZE: u64 = 256;
-/// Inode records per block.
-pub const INODES_PER_BLOCK: u64 = BLOCK_SIZE / INODE_SIZE;
-/// Pointers per tree node (block numbers, u64 each).
-pub const TREE_FANOUT: u64 = BLOCK_SIZE / 8;
-/// Maximum height of a block tree: 512^4 blocks of 4 KiB = 256 TiB.
-pub const TREE_MAX_HEIGHT: u32 = 4;
-/// The root directory's inode number (FUSE's root is 1).
-pub const ROOT_INO: u64 = 1;
-/// Longest name in a directory.
-pub const NAME_MAX: usize = 255;
-/// Longest symlink target (PATH_MAX - 1).
-pub const SYMLINK_MAX: usize = 4095;
+pub const FORMAT_VERSION: u32 = 2;
+/// Block numbers of the two superblock slots.
+pub const SUPERBLOCK_SLOTS: [u64; 2] = [0, 1];
 /// Smallest image `mkfs` accepts.
 pub const MIN_IMAGE_SIZE: u64 = 1 << 20;
 
-/// Superblock state: cleanly unmounted, everything flushed.
-pub const STATE_CLEAN: u32 = 1;
-/// Superblock state: mounted (or crashed while mounted): recovery runs at the next mount.
-pub const STATE_DIRTY: u32 = 2;
+// ----- block trailer ------------------------------------------------------------------------
 
-/// Bitmap block of group `g`: block 1 in group 0 (block 0 is the superblock), else the first.
-pub fn bitmap_block(group: u64) -> u64 {
-    if group == 0 { 1 } else { group * GROUP_BLOCKS }
+/// Bytes of a metadata block before its trailer.
+pub const PAYLOAD_SIZE: u64 = 4080;
+/// Size of [`Trailer`].
+pub const TRAILER_SIZE: usize = 16;
+/// Byte offset of the trailer in a metadata block.
+pub const TRAILER_OFFSET: usize = PAYLOAD_SIZE as usize;
+/// Byte offset of the trailer's checksum: the CRC covers every byte before it.
+pub const TRAILER_CHECKSUM_OFFSET: usize = BLOCK_SIZE as usize - 4;
+
+/// The last 16 bytes of every metadata block.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct Trailer {
+    /// Transaction that wrote this version of the block; only that transaction changes it in
+    /// place, later ones copy it first.
+    pub birth: U64,
+    /// What the block holds ([`BlockKind`]).
+    pub kind: u8,
+    /// Tree nodes: level above the leaves (0 = slots point at blocks that are not nodes).
+    pub level: u8,
+    pub reserved: U16,
+    /// CRC-32C of bytes `0..4092` of the block, computed when its transaction commits.
+    pub checksum: U32,
+}
+const _: () = assert!(size_of::<Trailer>() == TRAILER_SIZE);
+
+/// Kinds of metadata blocks (the trailer's `kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlockKind {
+    /// A node of a block tree: 510 block pointers.
+    Node = 1,
+    /// A leaf of the inode table: 15 inode records.
+    InodeTable = 2,
+    /// An allocation bitmap of one group.
+    Bitmap = 3,
+    /// Directory entry records.
+    DirEntries = 4,
+    /// Slots of a directory's name index.
+    DirIndex = 5,
+    /// Extended attributes of one inode.
+    Xattr = 6,
 }
 
-/// Packs a tree root block and height into the one 8-byte slot that stores a tree, so a reader
-/// sees both change atomically.
+impl BlockKind {
+    pub fn from_u8(v: u8) -> Option<BlockKind> {
+        Some(match v {
+            1 => BlockKind::Node,
+            2 => BlockKind::InodeTable,
+            3 => BlockKind::Bitmap,
+            4 => BlockKind::DirEntries,
+            5 => BlockKind::DirIndex,
+            6 => BlockKind::Xattr,
+            _ => return None,
+        })
+    }
+}
+
+/// CRC-32C of a whole metadata block as its trailer records it (bytes `0..4092`).
+pub fn block_checksum(block: &[u8]) -> u32 {
+    crc32c::crc32c(&block[..TRAILER_CHECKSUM_OFFSET])
+}
+
+// ----- block trees --------------------------------------------------------------------------
+
+/// Pointers per tree node (u64 each, in the payload).
+pub const TREE_FANOUT: u64 = PAYLOAD_SIZE / 8;
+/// Maximum height of a block tree: 510^5 blocks, more than any file can have.
+pub const TREE_MAX_HEIGHT: u32 = 5;
+/// Block pointers are below this (the upper 16 bits are reserved and 0).
+pub const MAX_BLOCKS: u64 = 1 << 48;
+/// Largest file size (256 TiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 48;
+
+/// Packs a tree root block and height into the one 8-byte slot that stores a tree.
 pub fn pack_tree(root: u64, height: u32) -> u64 {
     root | (u64::from(height) << 56)
 }
@@ -58,37 +111,114 @@ pub fn unpack_tree(packed: u64) -> (u64, u32) {
     (packed & ((1 << 56) - 1), (packed >> 56) as u32)
 }
 
-/// Block 0, bytes 0..256.
+// ----- space map ----------------------------------------------------------------------------
+
+/// Blocks per allocation group: one bitmap block's payload holds one bit per block.
+pub const GROUP_BLOCKS: u64 = PAYLOAD_SIZE * 8;
+
+// ----- superblock ---------------------------------------------------------------------------
+
+/// Superblock state: cleanly unmounted.
+pub const STATE_CLEAN: u32 = 1;
+/// Superblock state: committed while mounted (a crash leaves this).
+pub const STATE_MOUNTED: u32 = 2;
+/// Superblock state: the daemon found damage; run `fsck`.
+pub const STATE_ERRORS: u32 = 3;
+
+/// Feature flags this build understands (all zero in version 2.0: the bits are for later
+/// additions such as shared blocks).
+pub const INCOMPAT_SUPPORTED: u32 = 0;
+pub const RO_COMPAT_SUPPORTED: u32 = 0;
+
+/// Entries in a superblock's inline commit list.
+pub const COMMIT_LIST_MAX: usize = 298;
+
+/// One block written by a single-flush commit and the CRC-32C of its 4096 bytes.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ListEntry {
+    pub block: U64,
+    pub crc: U32,
+}
+const _: () = assert!(size_of::<ListEntry>() == 12);
+
+/// A superblock slot (blocks 0 and 1): one complete state of the filesystem.
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct Superblock {
     pub magic: [u8; 8],
     pub version: U32,
     pub block_size: U32,
+    /// Features a reader must understand.
+    pub incompat: U32,
+    /// Features a writer must understand.
+    pub ro_compat: U32,
+    /// Features that older builds may ignore.
+    pub compat: U32,
+    pub state: U32,
+    pub uuid: [u8; 16],
+    pub hash_seed: U64,
+    pub created_sec: I64,
+    /// Transaction number of this state.
+    pub txn: U64,
     pub total_blocks: U64,
     pub free_blocks: U64,
-    pub state: U32,
-    pub flags: U32,
-    /// Packed tree (see [`pack_tree`]) of the inode table.
-    pub itab_tree: U64,
-    /// Inode slots that exist in the table (numbers `1..itab_slots` are valid).
-    pub itab_slots: U64,
-    pub free_inode_head: U64,
-    /// Reserved (0). Unlinked-but-open inodes are freed at unmount, or by recovery after a crash.
-    pub reserved_orphan_head: U64,
     pub used_inodes: U64,
+    /// Inode slots in the table (numbers `1..itab_slots`; a multiple of 15).
+    pub itab_slots: U64,
+    /// Packed tree of the inode table.
+    pub itab_tree: U64,
+    /// Packed tree of the group bitmaps (file block `g` = bitmap of group `g`).
+    pub space_tree: U64,
+    pub free_inode_head: U64,
+    /// First inode on the orphan list (unlinked while open), 0 = none.
+    pub orphan_head: U64,
     pub next_generation: U64,
     pub alloc_cursor: U64,
-    pub hash_seed: U64,
-    pub uuid: [u8; 16],
-    pub created_sec: I64,
     pub mount_count: U64,
     pub last_mount_sec: I64,
-    pub reserved: [u8; 108],
+    pub commit_sec: I64,
+    /// Entries used in `list` (0 for a commit that flushed its blocks before this superblock).
+    pub list_len: U32,
+    pub flags: U32,
+    pub reserved: [u8; 328],
+    pub list: [ListEntry; COMMIT_LIST_MAX],
+    pub reserved2: [u8; 4],
+    /// CRC-32C of bytes `0..4092`.
     pub checksum: U32,
 }
-pub const SUPERBLOCK_SIZE: usize = 256;
-const _: () = assert!(size_of::<Superblock>() == SUPERBLOCK_SIZE);
+const _: () = assert!(size_of::<Superblock>() == BLOCK_SIZE as usize);
+/// Byte offset of the inline commit list in a superblock.
+pub const SUPERBLOCK_LIST_OFFSET: usize = 512;
+const _: () = assert!(std::mem::offset_of!(Superblock, list) == SUPERBLOCK_LIST_OFFSET);
+const _: () = assert!(std::mem::offset_of!(Superblock, reserved) == 184);
+
+impl Superblock {
+    pub fn seal(&mut self) {
+        self.checksum = record_checksum(self.as_bytes()).into();
+    }
+    pub fn checksum_ok(&self) -> bool {
+        record_checksum(self.as_bytes()) == self.checksum.get()
+    }
+    pub fn groups(&self) -> u64 {
+        self.total_blocks.get().div_ceil(GROUP_BLOCKS)
+    }
+    /// The blocks a single-flush commit listed, with their CRCs.
+    pub fn listed(&self) -> &[ListEntry] {
+        &self.list[..(self.list_len.get() as usize).min(COMMIT_LIST_MAX)]
+    }
+}
+
+// ----- inodes -------------------------------------------------------------------------------
+
+/// Size of one inode record.
+pub const INODE_SIZE: u64 = 256;
+/// Inode records per inode-table leaf.
+pub const INODES_PER_BLOCK: u64 = 15;
+/// The root directory's inode number (FUSE's root is 1).
+pub const ROOT_INO: u64 = 1;
+/// Inode flag: the inode is on the orphan list.
+pub const INODE_FLAG_ORPHAN: u32 = 1;
 
 /// One inode record.
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -100,7 +230,7 @@ pub struct Inode {
     pub uid: U32,
     pub gid: U32,
     pub size: U64,
-    /// Blocks owned (data, tree nodes, xattr block), in units of BLOCK_SIZE.
+    /// Blocks owned (data, tree nodes, xattr block).
     pub blocks: U64,
     pub atime_sec: I64,
     pub mtime_sec: I64,
@@ -111,12 +241,16 @@ pub struct Inode {
     pub ctime_nsec: U32,
     pub btime_nsec: U32,
     pub rdev: U32,
-    pub generation: U32,
-    /// Packed data tree (see [`pack_tree`]).
+    pub flags: U32,
+    pub generation: U64,
+    /// Packed tree of the contents.
     pub tree: U64,
     pub xattr_block: U64,
-    /// Next inode on the free list (free slots only).
-    pub next_link: U64,
+    /// Free slots: the next free slot.
+    pub next_free: U64,
+    /// Orphans: the next and previous inode on the orphan list.
+    pub orphan_next: U64,
+    pub orphan_prev: U64,
     /// Directories: the parent directory's inode number.
     pub parent: U64,
     /// Directories: byte offset where the next entry record is appended.
@@ -131,17 +265,39 @@ pub struct Inode {
     pub dir_hash_used: U64,
     /// Directories: which of the two index areas holds the index (0 or 1).
     pub dir_hash_area: U32,
-    pub flags: U32,
-    /// Kernel references while mounted: `(mount epoch << 32) | count`, updated atomically in
-    /// place and excluded from the checksum; a count from another epoch means 0.
-    pub kernel_refs: U64,
-    pub reserved: [u8; 76],
+    pub reserved: [u8; 64],
     pub checksum: U32,
 }
 const _: () = assert!(size_of::<Inode>() == INODE_SIZE as usize);
-/// Byte offset of `Inode::kernel_refs` inside a record.
-pub const INODE_REFS_OFFSET: usize = 168;
-const _: () = assert!(std::mem::offset_of!(Inode, kernel_refs) == INODE_REFS_OFFSET);
+const _: () = assert!(std::mem::offset_of!(Inode, reserved) == 188);
+
+/// crc32c of a record whose last 4 bytes are its checksum field.
+pub fn record_checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(&bytes[..bytes.len() - 4])
+}
+
+impl Inode {
+    pub fn seal(&mut self) {
+        self.checksum = record_checksum(self.as_bytes()).into();
+    }
+    pub fn checksum_ok(&self) -> bool {
+        record_checksum(self.as_bytes()) == self.checksum.get()
+    }
+    pub fn is_free(&self) -> bool {
+        self.mode.get() == 0
+    }
+    pub fn file_type(&self) -> u32 {
+        self.mode.get() & libc::S_IFMT
+    }
+    pub fn is_dir(&self) -> bool {
+        self.file_type() == libc::S_IFDIR
+    }
+    pub fn is_reg(&self) -> bool {
+        self.file_type() == libc::S_IFREG
+    }
+}
+
+// ----- directories --------------------------------------------------------------------------
 
 /// Header of one directory entry record; the name follows, the record is padded to 8 bytes.
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -189,82 +345,22 @@ pub fn dirent_rec_len(name_len: usize) -> u64 {
     (DIRENT_HEADER_SIZE + name_len as u64).div_ceil(8) * 8
 }
 
-/// Directory name index: area `a` starts at this byte offset of the directory's tree.
-pub fn dir_hash_area_offset(area: u32) -> u64 {
-    (1u64 << 40) * (1 + u64::from(area))
+/// Longest name in a directory.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (PATH_MAX - 1).
+pub const SYMLINK_MAX: usize = 4095;
+/// Entry records live in file blocks `0..DIR_ENTRY_BLOCKS` of a directory's tree.
+pub const DIR_ENTRY_BLOCKS: u64 = 1 << 23;
+/// Directory name index slots per block.
+pub const DIR_INDEX_SLOTS_PER_BLOCK: u64 = PAYLOAD_SIZE / 8;
+/// First file block of index area `area` (0 or 1) in a directory's tree.
+pub fn dir_index_area_block(area: u32) -> u64 {
+    DIR_ENTRY_BLOCKS * (1 + u64::from(area))
 }
-/// Largest directory entry region (entries live at offsets below the first index area).
-pub const DIR_ENTRIES_MAX: u64 = 1 << 40;
+/// Blocks an index area may span.
+pub const DIR_INDEX_AREA_BLOCKS: u64 = DIR_ENTRY_BLOCKS;
 /// Index slot value meaning "deleted" in the low 32 bits (the entry reference).
 pub const DIR_SLOT_DELETED: u32 = u32::MAX;
-
-/// Header of an xattr block; entries follow, each `XattrEntryHeader` + name + value.
-#[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct XattrBlockHeader {
-    pub magic: U32,
-    /// Bytes used after the header.
-    pub used: U32,
-    /// crc32c of those `used` bytes.
-    pub checksum: U32,
-    pub reserved: U32,
-}
-pub const XATTR_MAGIC: u32 = 0x5841_5454;
-pub const XATTR_HEADER_SIZE: usize = 16;
-const _: () = assert!(size_of::<XattrBlockHeader>() == XATTR_HEADER_SIZE);
-
-#[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-pub struct XattrEntryHeader {
-    pub name_len: u8,
-    pub reserved: u8,
-    pub value_len: U16,
-}
-pub const XATTR_ENTRY_HEADER_SIZE: usize = 4;
-const _: () = assert!(size_of::<XattrEntryHeader>() == XATTR_ENTRY_HEADER_SIZE);
-
-/// crc32c of a record whose last 4 bytes are its checksum field.
-pub fn record_checksum(bytes: &[u8]) -> u32 {
-    crc32c::crc32c(&bytes[..bytes.len() - 4])
-}
-
-impl Superblock {
-    pub fn seal(&mut self) {
-        let c = record_checksum(self.as_bytes());
-        self.checksum = c.into();
-    }
-    pub fn checksum_ok(&self) -> bool {
-        record_checksum(self.as_bytes()) == self.checksum.get()
-    }
-    pub fn groups(&self) -> u64 {
-        self.total_blocks.get().div_ceil(GROUP_BLOCKS)
-    }
-}
-
-/// crc32c of an inode record, skipping the checksum and the in-place `kernel_refs` field.
-pub fn inode_checksum(bytes: &[u8]) -> u32 {
-    let c = crc32c::crc32c(&bytes[..INODE_REFS_OFFSET]);
-    crc32c::crc32c_append(c, &bytes[INODE_REFS_OFFSET + 8..bytes.len() - 4])
-}
-
-impl Inode {
-    pub fn seal(&mut self) {
-        let c = inode_checksum(self.as_bytes());
-        self.checksum = c.into();
-    }
-    pub fn checksum_ok(&self) -> bool {
-        inode_checksum(self.as_bytes()) == self.checksum.get()
-    }
-    pub fn is_free(&self) -> bool {
-        self.mode.get() == 0
-    }
-    pub fn file_type(&self) -> u32 {
-        self.mode.get() & libc::S_IFMT
-    }
-    pub fn is_dir(&self) -> bool {
-        self.file_type() == libc::S_IFDIR
-    }
-}
 
 /// `DT_*` directory entry type of an `S_IF*` mode.
 pub fn dtype_of_mode(mode: u32) -> u8 {
@@ -295,6 +391,35 @@ pub fn name_hash(seed: u64, name: &[u8]) -> u32 {
     h as u32
 }
 
+// ----- extended attributes ------------------------------------------------------------------
+
+/// Header of an xattr block; entries follow, each `XattrEntryHeader` + name + value.
+#[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct XattrBlockHeader {
+    pub magic: U32,
+    /// Bytes used after the header.
+    pub used: U32,
+    /// crc32c of those `used` bytes.
+    pub checksum: U32,
+    pub reserved: U32,
+}
+pub const XATTR_MAGIC: u32 = 0x5841_5454;
+pub const XATTR_HEADER_SIZE: usize = 16;
+const _: () = assert!(size_of::<XattrBlockHeader>() == XATTR_HEADER_SIZE);
+/// Bytes of entries an xattr block holds.
+pub const XATTR_CAPACITY: usize = PAYLOAD_SIZE as usize - XATTR_HEADER_SIZE;
+
+#[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct XattrEntryHeader {
+    pub name_len: u8,
+    pub reserved: u8,
+    pub value_len: U16,
+}
+pub const XATTR_ENTRY_HEADER_SIZE: usize = 4;
+const _: () = assert!(size_of::<XattrEntryHeader>() == XATTR_ENTRY_HEADER_SIZE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,7 +427,7 @@ mod tests {
 
     #[test]
     fn tree_packing_round_trips() {
-        for (root, h) in [(0, 0), (1, 1), ((1 << 56) - 1, 4)] {
+        for (root, h) in [(0, 0), (1, 1), ((1 << 56) - 1, 5)] {
             assert_eq!(unpack_tree(pack_tree(root, h)), (root, h));
         }
     }
@@ -317,6 +442,11 @@ mod tests {
         bytes[17] ^= 1;
         let bad = Inode::read_from_bytes(&bytes).unwrap();
         assert!(!bad.checksum_ok());
+        let mut sb = Superblock::new_zeroed();
+        sb.seal();
+        assert!(sb.checksum_ok());
+        sb.list[3].crc = 7.into();
+        assert!(!sb.checksum_ok());
     }
 
     #[test]
@@ -325,5 +455,16 @@ mod tests {
         assert_eq!(dirent_rec_len(8), 24);
         assert_eq!(dirent_rec_len(9), 32);
         assert_eq!(dirent_rec_len(255), 272);
+    }
+
+    #[test]
+    fn layout_constants_agree() {
+        assert_eq!(TREE_FANOUT, 510);
+        assert_eq!(GROUP_BLOCKS, 32640);
+        assert!(INODES_PER_BLOCK * INODE_SIZE <= PAYLOAD_SIZE);
+        // A tree of maximum height addresses every block of the largest file.
+        assert!(TREE_FANOUT.pow(TREE_MAX_HEIGHT) >= MAX_FILE_SIZE / BLOCK_SIZE);
+        // The index areas fit a tree of height 3.
+        assert!(dir_index_area_block(1) + DIR_INDEX_AREA_BLOCKS <= TREE_FANOUT.pow(3));
     }
 }

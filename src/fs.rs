@@ -3,17 +3,22 @@
 //! [`Entry`]) and [`Error`]; the FUSE adapter only translates. Everything here is testable
 //! without a mount.
 //!
+//! Every change is one engine transaction ([`Tx`]): an operation reserves the blocks it may
+//! need first (so it fails with `ENOSPC` before changing anything), then changes inodes and
+//! directories; the engine decides when that becomes durable (`fsync`, or its committer).
+//!
 //! Lifetimes: an inode whose link count reaches 0 is freed when the kernel forgets its last
-//! reference (open files keep a reference); until then it is an orphan, remembered in memory
-//! and freed at unmount at the latest. After a crash, recovery frees it (it is unreachable).
-//! Locks: see `engine` (no stripe is taken while another is held, except through `lock_many`).
+//! reference (open files keep a reference); until then it is on the engine's orphan list, which
+//! the next mount empties after a crash.
+//! Locks: a transaction is begun before any inode lock is taken; see `engine` (no stripe is
+//! taken while another is held, except through `lock_many`).
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::engine::{DataRun, DirEntry, Engine, MAX_FILE_SIZE, NewInode, now};
+use crate::engine::{DataRun, DirEntry, Engine, NewInode, Tx, now};
 use crate::error::{Error, Result};
 use crate::format::*;
 
@@ -144,10 +149,18 @@ const COOKIE_BASE: u64 = 3;
 /// Entries gathered per readdir batch (bounded heap per request).
 const READDIR_BATCH: usize = 256;
 
+/// Blocks an operation reserves for copies of what it changes: inode-table leaves, directory
+/// blocks, tree paths, and the space map at its commit.
+const OP_BLOCKS: u64 = 96;
+
+/// Blocks a write of `len` bytes may allocate: data, tree nodes, copies.
+fn write_blocks(len: u64) -> u64 {
+    let data = len.div_ceil(BLOCK_SIZE) + 2;
+    data + (data / (TREE_FANOUT - 10) + 2) * u64::from(TREE_MAX_HEIGHT) + OP_BLOCKS
+}
+
 pub struct Fs {
-    engine: Engine,
-    /// Unlinked inodes the kernel still references (open files); bounded by open files.
-    orphans: Mutex<HashSet<u64>>,
+    engine: Arc<Engine>,
     /// With the kernel's writeback cache the kernel keeps mtime/ctime of written files and sends
     /// them with setattr; writes must then leave them alone.
     kernel_owns_write_times: bool,
@@ -227,11 +240,13 @@ pub fn attr_of(ino: u64, rec: &Inode) -> Attr {
 }
 
 impl Fs {
+    /// The filesystem over an opened engine; starts its committer thread when writable.
     pub fn new(engine: Engine) -> Fs {
+        let engine = Arc::new(engine);
+        engine.start_committer();
         Fs {
             engine,
             kernel_owns_write_times: false,
-            orphans: Mutex::new(HashSet::new()),
             rename_lock: Mutex::new(()),
         }
     }
@@ -245,14 +260,12 @@ impl Fs {
         &self.engine
     }
 
-    /// Flushes everything and marks the image clean; called at unmount.
+    /// Frees what unlinked files the kernel still held, flushes everything and marks the image
+    /// clean; called at unmount (the kernel holds nothing any more).
     pub fn shutdown(&self) -> Result<()> {
-        let orphans: Vec<u64> = self.orphans.lock().drain().collect();
-        for ino in orphans {
-            let _g = self.engine.lock_write(ino);
-            let mut rec = self.engine.read_inode(ino)?;
-            if rec.nlink.get() == 0 {
-                self.engine.free_inode(ino, &mut rec)?;
+        if self.engine.writable() {
+            for ino in self.engine.orphans()? {
+                self.engine.free_orphan(ino)?;
             }
         }
         self.engine.close_clean()
@@ -277,43 +290,55 @@ impl Fs {
 
     /// The kernel dropped `n` references to `ino`; frees it if it was unlinked.
     pub fn forget(&self, ino: u64, n: u64) -> Result<()> {
-        let _g = self.engine.lock_write(ino);
-        let left = match self
-            .engine
-            .add_kernel_refs(ino, -(n.min(i64::MAX as u64) as i64))
         {
-            Ok(left) => left,
-            Err(Error::NotFound) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if left > 0 {
+            let _g = self.engine.lock_write(ino);
+            let left = match self
+                .engine
+                .add_kernel_refs(ino, -(n.min(i64::MAX as u64) as i64))
+            {
+                Ok(left) => left,
+                Err(Error::NotFound) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if left > 0 {
+                return Ok(());
+            }
+            match self.engine.read_inode(ino) {
+                Ok(r) if r.nlink.get() == 0 => {}
+                Ok(_) | Err(Error::NotFound) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.engine.writable() {
             return Ok(());
         }
-        let mut rec = match self.engine.read_inode(ino) {
-            Ok(r) => r,
-            Err(Error::NotFound) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if rec.nlink.get() == 0 {
-            self.orphans.lock().remove(&ino);
-            self.engine.free_inode(ino, &mut rec)?;
+        // The transaction is begun before the inode is locked again; check again under it.
+        let tx = self.engine.begin_delete(OP_BLOCKS)?;
+        let _g = self.engine.lock_write(ino);
+        if self.is_referenced(ino)? {
+            return Ok(());
         }
-        Ok(())
+        match self.engine.read_inode(ino) {
+            Ok(mut rec) if rec.nlink.get() == 0 => self.engine.free_inode(&tx, ino, &mut rec),
+            Ok(_) | Err(Error::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Drops one link from `rec` (already locked); frees or orphans it at zero.
-    fn drop_link(&self, ino: u64, rec: &mut Inode, t: Time) -> Result<()> {
+    /// Drops one link from `rec` (already locked); frees it at zero, or puts it on the orphan
+    /// list while the kernel still holds it.
+    fn drop_link(&self, tx: &Tx, ino: u64, rec: &mut Inode, t: Time) -> Result<()> {
         let links = rec.nlink.get().saturating_sub(1);
         rec.nlink = links.into();
         set_ctime(rec, t);
         if links == 0 {
             if self.is_referenced(ino)? {
-                self.orphans.lock().insert(ino);
+                self.engine.orphan_add(tx, ino)?;
             } else {
-                return self.engine.free_inode(ino, rec);
+                return self.engine.free_inode(tx, ino, rec);
             }
         }
-        self.engine.write_inode(ino, rec)
+        self.engine.write_inode(tx, ino, rec)
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
@@ -352,6 +377,12 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, s: &SetAttr, by: &Changer) -> Result<Attr> {
+        // A truncate frees space: it may use the last blocks of a full image.
+        let tx = if s.size.is_some() {
+            self.engine.begin_delete(OP_BLOCKS)?
+        } else {
+            self.engine.begin(OP_BLOCKS)?
+        };
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         let t = now_time();
@@ -363,15 +394,14 @@ impl Fs {
             if rec.file_type() != libc::S_IFREG {
                 return Err(Error::Invalid);
             }
-            self.truncate(ino, &mut rec, size)?;
-            self.engine.mark_structural(ino);
+            self.truncate(&tx, ino, &mut rec, size)?;
             set_mtime_ctime(&mut rec, t);
-            self.drop_privileges(&mut rec, by, false)?;
+            self.drop_privileges(&tx, &mut rec, by, false)?;
             changed = true;
         }
         // chown drops set-ID bits whoever calls it (mode bits given with it still win below).
         if s.uid.is_some() || s.gid.is_some() {
-            self.drop_privileges(&mut rec, by, true)?;
+            self.drop_privileges(&tx, &mut rec, by, true)?;
         }
         // A SETATTR that sets nothing is what is left of the kernel's own request to drop
         // privileges (before fallocate, copy_file_range, a write, chown(f, -1, -1)) once it
@@ -383,7 +413,7 @@ impl Fs {
             && s.atime.is_none()
             && s.mtime.is_none();
         if sets_nothing {
-            self.drop_privileges(&mut rec, by, false)?;
+            self.drop_privileges(&tx, &mut rec, by, false)?;
             changed |= by.dropped.get();
         }
         if let Some(mode) = s.mode {
@@ -419,7 +449,7 @@ impl Fs {
         } else if let Some(c) = s.ctime {
             set_ctime(&mut rec, c);
         }
-        self.engine.write_inode(ino, &mut rec)?;
+        self.engine.write_inode(&tx, ino, &mut rec)?;
         Ok(attr_of(ino, &rec))
     }
 
@@ -429,7 +459,7 @@ impl Fs {
     /// changer lacks `CAP_FSETID`; the set-group-ID bit in the same cases when the group may
     /// execute the file, else (the bit then marks mandatory locking) only when the changer is
     /// neither privileged nor in the file's group.
-    fn drop_privileges(&self, rec: &mut Inode, by: &Changer, chown: bool) -> Result<()> {
+    fn drop_privileges(&self, tx: &Tx, rec: &mut Inode, by: &Changer, chown: bool) -> Result<()> {
         if rec.file_type() != libc::S_IFREG {
             return Ok(());
         }
@@ -447,7 +477,7 @@ impl Fs {
             }
         }
         if rec.xattr_block.get() != 0 {
-            match self.engine.xattr_remove(rec, b"security.capability") {
+            match self.engine.xattr_remove(tx, rec, b"security.capability") {
                 Ok(()) => by.dropped.set(true),
                 Err(Error::NoAttr) => {}
                 Err(e) => return Err(e),
@@ -458,17 +488,17 @@ impl Fs {
 
     /// Changes the size of a locked regular file: frees whole blocks past the end and zeroes
     /// the tail of the last block, so bytes past EOF always read as zero.
-    fn truncate(&self, ino: u64, rec: &mut Inode, size: u64) -> Result<()> {
+    fn truncate(&self, tx: &Tx, ino: u64, rec: &mut Inode, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Error::TooBig);
         }
         let old = rec.size.get();
         if size < old {
             let keep_blocks = size.div_ceil(BLOCK_SIZE);
-            self.engine.punch_blocks(rec, keep_blocks, u64::MAX)?;
+            self.engine.punch_blocks(tx, rec, keep_blocks, u64::MAX)?;
             if !size.is_multiple_of(BLOCK_SIZE) {
                 self.engine
-                    .zero_range(ino, rec, size, BLOCK_SIZE - size % BLOCK_SIZE)?;
+                    .zero_range(tx, ino, rec, size, BLOCK_SIZE - size % BLOCK_SIZE)?;
             }
         }
         rec.size = size.into();
@@ -515,9 +545,10 @@ impl Fs {
         mode: u32,
         rdev: u32,
         ctx: Ctx,
-        init: &dyn Fn(u64, &mut Inode) -> Result<()>,
+        init: &dyn Fn(&Tx, u64, &mut Inode) -> Result<()>,
     ) -> Result<Attr> {
         check_name(name)?;
+        let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(parent);
         let mut dir = self.read_dir(parent)?;
         if dir.nlink.get() == 0 {
@@ -526,6 +557,7 @@ impl Fs {
         if self.engine.dir_lookup(&dir, name)?.is_some() {
             return Err(Error::Exists);
         }
+        tx.reserve_more(self.engine.dir_insert_cost(&dir))?;
         let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
         if is_dir && dir.nlink.get() >= u32::MAX - 1 {
             return Err(Error::TooManyLinks);
@@ -538,22 +570,25 @@ impl Fs {
         } else {
             mode
         };
-        let (ino, mut rec) = self.engine.alloc_inode(&NewInode {
-            mode,
-            uid: ctx.uid,
-            gid,
-            rdev,
-        })?;
+        let (ino, mut rec) = self.engine.alloc_inode(
+            &tx,
+            &NewInode {
+                mode,
+                uid: ctx.uid,
+                gid,
+                rdev,
+            },
+        )?;
         let result = (|| {
-            init(ino, &mut rec)?;
-            self.engine.write_inode(ino, &mut rec)?;
+            init(&tx, ino, &mut rec)?;
+            self.engine.write_inode(&tx, ino, &mut rec)?;
             self.engine
-                .dir_insert(&mut dir, name, ino, dtype_of_mode(mode))?;
+                .dir_insert(&tx, &mut dir, name, ino, dtype_of_mode(mode))?;
             Ok(())
         })();
         if let Err(e) = result {
-            self.engine.free_inode(ino, &mut rec)?;
-            self.engine.write_inode(parent, &mut dir)?;
+            self.engine.free_inode(&tx, ino, &mut rec)?;
+            self.engine.write_inode(&tx, parent, &mut dir)?;
             return Err(e);
         }
         let t = Time {
@@ -564,7 +599,7 @@ impl Fs {
         if is_dir {
             dir.nlink = (dir.nlink.get() + 1).into();
         }
-        self.engine.write_inode(parent, &mut dir)?;
+        self.engine.write_inode(&tx, parent, &mut dir)?;
         self.add_lookup(ino)?;
         Ok(attr_of(ino, &rec))
     }
@@ -576,17 +611,17 @@ impl Fs {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {}
             _ => return Err(Error::Invalid),
         }
-        self.make_node(parent, name, mode, rdev, ctx, &|_, _| Ok(()))
+        self.make_node(parent, name, mode, rdev, ctx, &|_, _, _| Ok(()))
     }
 
     pub fn create(&self, parent: u64, name: &[u8], mode: u32, ctx: Ctx) -> Result<Attr> {
         let mode = libc::S_IFREG | (mode & 0o7777);
-        self.make_node(parent, name, mode, 0, ctx, &|_, _| Ok(()))
+        self.make_node(parent, name, mode, 0, ctx, &|_, _, _| Ok(()))
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, ctx: Ctx) -> Result<Attr> {
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        self.make_node(parent, name, mode, 0, ctx, &|_, rec| {
+        self.make_node(parent, name, mode, 0, ctx, &|_, _, rec| {
             self.engine.dir_init(rec, parent);
             rec.nlink = 2.into();
             Ok(())
@@ -601,8 +636,8 @@ impl Fs {
             return Err(Error::NotFound);
         }
         let mode = libc::S_IFLNK | 0o777;
-        self.make_node(parent, name, mode, 0, ctx, &|ino, rec| {
-            self.engine.write_data(ino, rec, 0, target)?;
+        self.make_node(parent, name, mode, 0, ctx, &|tx, ino, rec| {
+            self.engine.write_data(tx, ino, rec, 0, target)?;
             rec.size = (target.len() as u64).into();
             Ok(())
         })
@@ -610,6 +645,7 @@ impl Fs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
         check_name(newname)?;
+        let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_many(&[ino, newparent]);
         let mut dir = self.read_dir(newparent)?;
         let mut rec = self.engine.read_inode(ino)?;
@@ -625,14 +661,15 @@ impl Fs {
         if self.engine.dir_lookup(&dir, newname)?.is_some() {
             return Err(Error::Exists);
         }
+        tx.reserve_more(self.engine.dir_insert_cost(&dir))?;
         self.engine
-            .dir_insert(&mut dir, newname, ino, dtype_of_mode(rec.mode.get()))?;
+            .dir_insert(&tx, &mut dir, newname, ino, dtype_of_mode(rec.mode.get()))?;
         let t = now_time();
         rec.nlink = (rec.nlink.get() + 1).into();
         set_ctime(&mut rec, t);
         set_mtime_ctime(&mut dir, t);
-        self.engine.write_inode(ino, &mut rec)?;
-        self.engine.write_inode(newparent, &mut dir)?;
+        self.engine.write_inode(&tx, ino, &mut rec)?;
+        self.engine.write_inode(&tx, newparent, &mut dir)?;
         self.add_lookup(ino)?;
         Ok(attr_of(ino, &rec))
     }
@@ -660,17 +697,18 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
+        let tx = self.engine.begin_delete(OP_BLOCKS)?;
         let (_g, child) = self.locked_child(parent, name)?;
         let mut dir = self.read_dir(parent)?;
         let mut rec = self.engine.read_inode(child)?;
         if rec.is_dir() {
             return Err(Error::IsDir);
         }
-        self.engine.dir_remove(&mut dir, name)?;
+        self.engine.dir_remove(&tx, &mut dir, name)?;
         let t = now_time();
         set_mtime_ctime(&mut dir, t);
-        self.engine.write_inode(parent, &mut dir)?;
-        self.drop_link(child, &mut rec, t)
+        self.engine.write_inode(&tx, parent, &mut dir)?;
+        self.drop_link(&tx, child, &mut rec, t)
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
@@ -683,6 +721,7 @@ impl Fs {
         if name == b".." {
             return Err(Error::NotEmpty);
         }
+        let tx = self.engine.begin_delete(OP_BLOCKS)?;
         let (_g, child) = self.locked_child(parent, name)?;
         let mut dir = self.read_dir(parent)?;
         let mut rec = self.engine.read_inode(child)?;
@@ -692,13 +731,13 @@ impl Fs {
         if rec.dir_live.get() > 0 {
             return Err(Error::NotEmpty);
         }
-        self.engine.dir_remove(&mut dir, name)?;
+        self.engine.dir_remove(&tx, &mut dir, name)?;
         let t = now_time();
         set_mtime_ctime(&mut dir, t);
         dir.nlink = dir.nlink.get().saturating_sub(1).into();
-        self.engine.write_inode(parent, &mut dir)?;
+        self.engine.write_inode(&tx, parent, &mut dir)?;
         rec.nlink = 1.into();
-        self.drop_link(child, &mut rec, t)
+        self.drop_link(&tx, child, &mut rec, t)
     }
 
     /// True if directory `dir` is `ancestor` or lies below it.
@@ -730,6 +769,9 @@ impl Fs {
         if flags.exchange && flags.noreplace {
             return Err(Error::Invalid);
         }
+        // Begun before the rename lock: a commit waits for running transactions, so none may
+        // wait for the lock while another holds it and waits for the commit.
+        let tx = self.engine.begin(2 * OP_BLOCKS)?;
         let _r = self.rename_lock.lock();
         let find = |p: u64, n: &[u8]| -> Result<Option<(u64, u8)>> {
             let _g = self.engine.lock_read(p);
@@ -786,6 +828,12 @@ impl Fs {
             if cur_dst.map(|x| x.0) != dst.map(|x| x.0) {
                 continue; // A create or unlink of the target raced with us: look again.
             }
+            if dst.is_none() {
+                tx.reserve_more(
+                    self.engine
+                        .dir_insert_cost(ndir.as_ref().unwrap_or(&pdir)),
+                )?;
+            }
             let t = now_time();
             let mut dst_rec = match dst {
                 Some((d, _)) => Some(self.engine.read_inode(d)?),
@@ -807,11 +855,12 @@ impl Fs {
                 let (d, _) = dst.ok_or(Error::NotFound)?;
                 let dr = dst_rec.as_mut().ok_or(Error::NotFound)?;
                 let dst_dtype = dtype_of_mode(dr.mode.get());
-                self.engine.dir_replace(&mut pdir, name, d, dst_dtype)?;
+                self.engine
+                    .dir_replace(&tx, &mut pdir, name, d, dst_dtype)?;
                 {
                     let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
                     self.engine
-                        .dir_replace(target_dir, newname, src, src_dtype)?;
+                        .dir_replace(&tx, target_dir, newname, src, src_dtype)?;
                 }
                 if !same_dir {
                     if src_is_dir {
@@ -826,21 +875,19 @@ impl Fs {
                     nd.nlink = ((i64::from(nd.nlink.get()) + delta) as u32).into();
                 }
                 set_ctime(dr, t);
-                self.engine.write_inode(d, dr)?;
+                self.engine.write_inode(&tx, d, dr)?;
             } else {
-                // Insert or replace at the destination first, then remove the source: a crash in
-                // between leaves an extra link that recovery counts, never a lost file.
                 {
                     let target_dir = ndir.as_mut().unwrap_or(&mut pdir);
                     if dst.is_some() {
                         self.engine
-                            .dir_replace(target_dir, newname, src, src_dtype)?;
+                            .dir_replace(&tx, target_dir, newname, src, src_dtype)?;
                     } else {
                         self.engine
-                            .dir_insert(target_dir, newname, src, src_dtype)?;
+                            .dir_insert(&tx, target_dir, newname, src, src_dtype)?;
                     }
                 }
-                self.engine.dir_remove(&mut pdir, name)?;
+                self.engine.dir_remove(&tx, &mut pdir, name)?;
                 if src_is_dir && !same_dir {
                     src_rec.parent = newparent.into();
                     pdir.nlink = pdir.nlink.get().saturating_sub(1).into();
@@ -855,16 +902,16 @@ impl Fs {
                         nd.nlink = nd.nlink.get().saturating_sub(1).into();
                         dr.nlink = 1.into();
                     }
-                    self.drop_link(d, dr, t)?;
+                    self.drop_link(&tx, d, dr, t)?;
                 }
             }
             set_ctime(&mut src_rec, t);
-            self.engine.write_inode(src, &mut src_rec)?;
+            self.engine.write_inode(&tx, src, &mut src_rec)?;
             set_mtime_ctime(&mut pdir, t);
-            self.engine.write_inode(parent, &mut pdir)?;
+            self.engine.write_inode(&tx, parent, &mut pdir)?;
             if let Some(nd) = ndir.as_mut() {
                 set_mtime_ctime(nd, t);
-                self.engine.write_inode(newparent, nd)?;
+                self.engine.write_inode(&tx, newparent, nd)?;
             }
             return Ok(());
         }
@@ -896,6 +943,7 @@ impl Fs {
     /// `by` is `None` for the write-back of pages stored through a mapping, which drops nothing
     /// (as on tmpfs, where stores through a mapping never touch set-ID bits or capabilities).
     pub fn write(&self, ino: u64, off: u64, data: &[u8], by: Option<&Changer>) -> Result<u32> {
+        let tx = self.begin_write(ino, off, data.len() as u64)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         if rec.is_dir() {
@@ -905,23 +953,39 @@ impl Fs {
         if end > MAX_FILE_SIZE {
             return Err(Error::TooBig);
         }
-        let r = self.engine.write_data(ino, &mut rec, off, data);
+        let r = self.engine.write_data(&tx, ino, &mut rec, off, data);
         // Applied to the record before it is written back, but its error only after: the data
         // and the new size must be recorded either way.
         let dropped = match by {
-            Some(by) if r.is_ok() => self.drop_privileges(&mut rec, by, false),
+            Some(by) if r.is_ok() => self.drop_privileges(&tx, &mut rec, by, false),
             _ => Ok(()),
         };
         if r.is_ok() && end > rec.size.get() {
             rec.size = end.into();
-            self.engine.mark_structural(ino);
         }
         if !self.kernel_owns_write_times {
             set_mtime_ctime(&mut rec, now_time());
         }
-        self.engine.write_inode(ino, &mut rec)?;
+        self.engine.write_inode(&tx, ino, &mut rec)?;
         dropped?;
         r.map(|_| data.len() as u32)
+    }
+
+    /// Begins a transaction for writing `len` bytes at `off` of `ino`. On a full host disk the
+    /// reservation shrinks to what the range really needs (its holes, pinned blocks and
+    /// copies), so overwriting existing data keeps working.
+    fn begin_write(&self, ino: u64, off: u64, len: u64) -> Result<Tx<'_>> {
+        match self.engine.begin(write_blocks(len)) {
+            Err(Error::NoSpace) => {
+                let need = {
+                    let _g = self.engine.lock_read(ino);
+                    let rec = self.engine.read_inode(ino)?;
+                    self.engine.write_cost(&rec, off, len)?
+                };
+                self.engine.begin_delete(need + OP_BLOCKS)
+            }
+            r => r,
+        }
     }
 
     pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
@@ -1053,6 +1117,12 @@ impl Fs {
         if end > MAX_FILE_SIZE {
             return Err(Error::TooBig);
         }
+        let punch = mode & FALLOC_PUNCH_HOLE != 0;
+        let tx = if punch {
+            self.engine.begin_delete(OP_BLOCKS)?
+        } else {
+            self.begin_write(ino, off, len)?
+        };
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         if rec.is_dir() {
@@ -1061,7 +1131,6 @@ impl Fs {
         if rec.file_type() != libc::S_IFREG {
             return Err(Error::NoData);
         }
-        let punch = mode & FALLOC_PUNCH_HOLE != 0;
         if punch && mode & FALLOC_KEEP_SIZE == 0 {
             return Err(Error::NotSupported);
         }
@@ -1069,31 +1138,33 @@ impl Fs {
             let first_full = off.div_ceil(BLOCK_SIZE);
             let end_full = end / BLOCK_SIZE;
             if first_full < end_full {
-                self.engine.punch_blocks(&mut rec, first_full, end_full)?;
+                self.engine
+                    .punch_blocks(&tx, &mut rec, first_full, end_full)?;
                 let head = first_full * BLOCK_SIZE - off;
-                self.engine.zero_range(ino, &rec, off, head)?;
+                self.engine.zero_range(&tx, ino, &mut rec, off, head)?;
                 self.engine.zero_range(
+                    &tx,
                     ino,
-                    &rec,
+                    &mut rec,
                     end_full * BLOCK_SIZE,
                     end - end_full * BLOCK_SIZE,
                 )?;
             } else {
-                self.engine.zero_range(ino, &rec, off, len)?;
+                self.engine.zero_range(&tx, ino, &mut rec, off, len)?;
             }
         }
         if !punch {
-            self.engine.allocate_range(ino, &mut rec, off, len)?;
+            self.engine
+                .allocate_range(&tx, ino, &mut rec, off, len)?;
             if mode & FALLOC_KEEP_SIZE == 0 && end > rec.size.get() {
                 rec.size = end.into();
             }
         }
-        self.engine.mark_structural(ino);
         let t = now_time();
         if mode & FALLOC_KEEP_SIZE == 0 || punch {
             set_mtime_ctime(&mut rec, t);
         }
-        self.engine.write_inode(ino, &mut rec)
+        self.engine.write_inode(&tx, ino, &mut rec)
     }
 
     /// SEEK_DATA / SEEK_HOLE.
@@ -1116,6 +1187,7 @@ impl Fs {
         off_out: u64,
         len: u64,
     ) -> Result<u64> {
+        let tx = self.begin_write(ino_out, off_out, len)?;
         let _g = self.engine.lock_many(&[ino_in, ino_out]);
         let src = self.engine.read_inode(ino_in)?;
         let mut dst = self.engine.read_inode(ino_out)?;
@@ -1149,15 +1221,16 @@ impl Fs {
                     if ino_in == ino_out {
                         let tmp = b.to_vec();
                         self.engine
-                            .write_data(ino_out, &mut dst, off_out + done, &tmp)?;
+                            .write_data(&tx, ino_out, &mut dst, off_out + done, &tmp)?;
                     } else {
                         self.engine
-                            .write_data(ino_out, &mut dst, off_out + done, b)?;
+                            .write_data(&tx, ino_out, &mut dst, off_out + done, b)?;
                     }
                     done += n;
                 }
                 DataRun::Hole(n) => {
-                    self.engine.zero_range(ino_out, &dst, off_out + done, n)?;
+                    self.engine
+                        .zero_range(&tx, ino_out, &mut dst, off_out + done, n)?;
                     done += n;
                 }
             }
@@ -1165,9 +1238,8 @@ impl Fs {
         if end_out > dst.size.get() {
             dst.size = end_out.into();
         }
-        self.engine.mark_structural(ino_out);
         set_mtime_ctime(&mut dst, now_time());
-        self.engine.write_inode(ino_out, &mut dst)?;
+        self.engine.write_inode(&tx, ino_out, &mut dst)?;
         Ok(len)
     }
 
@@ -1179,11 +1251,13 @@ impl Fs {
             libc::XATTR_REPLACE => crate::engine::SetMode::Replace,
             _ => return Err(Error::Invalid),
         };
+        let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
-        self.engine.xattr_set(&mut rec, name, value, mode)?;
+        self.engine
+            .xattr_set(&tx, &mut rec, name, value, mode)?;
         set_ctime(&mut rec, now_time());
-        self.engine.write_inode(ino, &mut rec)
+        self.engine.write_inode(&tx, ino, &mut rec)
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
@@ -1207,11 +1281,12 @@ impl Fs {
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         check_xattr_name(name)?;
+        let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
-        self.engine.xattr_remove(&mut rec, name)?;
+        self.engine.xattr_remove(&tx, &mut rec, name)?;
         set_ctime(&mut rec, now_time());
-        self.engine.write_inode(ino, &mut rec)
+        self.engine.write_inode(&tx, ino, &mut rec)
     }
 }
 

@@ -1,28 +1,27 @@
-//! Consistency check (`mmapfs fsck`) and crash recovery (the same walk with repairs, run at
-//! mount when the image was not cleanly unmounted).
+//! Consistency check (`mmapfs fsck`) and repair (`fsck --repair`).
 //!
-//! Invariants checked:
-//! 1. The superblock is sane (done at open) and its counters match reality.
-//! 2. Every inode record's checksum is valid.
-//! 3. Every block is free in the bitmap, or owned exactly once (superblock, a group bitmap, the
-//!    inode table's tree, an inode's tree or xattr block); the bitmap marks exactly the owned.
-//! 4. An inode's `blocks` equals the blocks its tree and xattr block own.
-//! 5. Directory entries point at used inodes of the recorded type; every entry is found
+//! Invariants checked, on the state the superblock names:
+//! 1. Every metadata block (tree nodes, inode-table leaves, bitmaps, directory and xattr
+//!    blocks) has a valid trailer: its kind, its checksum, a birth no newer than the state.
+//! 2. Every block is either free or owned exactly once (a superblock slot, the space map, the
+//!    inode table, an inode's tree or xattr block), and the bitmaps mark exactly the owned.
+//! 3. An inode's `blocks` equals what it owns; its contents lie where its type allows.
+//! 4. Directory entries point at used inodes of the recorded type; every entry is found
 //!    through the directory's name index; `dir_live` counts the entries; a directory is
 //!    referenced by exactly one entry, in the directory its `parent` names.
-//! 6. Link counts equal the references from directories (2 + subdirectories for a directory).
-//! 7. Every used inode is reachable from the root. (An unlinked file still open at a crash is
-//!    unreachable: recovery frees it, as a clean unmount would have.)
-//! 8. The free-inode list holds exactly the free inode slots, without loops.
+//! 5. Link counts equal the references (2 + subdirectories for a directory).
+//! 6. Every used inode is reachable from the root, or on the orphan list with no links.
+//! 7. The free-inode list holds exactly the free slots; the superblock's counters match.
 //!
-//! Recovery repairs by recomputing: unreachable and damaged inodes are freed, link counts and
-//! indexes are rebuilt, and the bitmap, free list and counters are rewritten from what survives.
+//! Repair collects fixes during a check, applies them in a transaction and commits, then checks
+//! again (a fix can reveal the next problem: a directory moved to `/lost+found` brings its
+//! entries into view), up to a few rounds.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use zerocopy::FromZeros;
 
-use super::{Engine, alloc};
+use super::Engine;
 use crate::error::{Error, Result};
 use crate::format::*;
 
@@ -43,75 +42,31 @@ pub struct Report {
 
 /// Problems beyond this count are summarised, so a badly damaged image gives a readable list.
 const MAX_LISTED: usize = 200;
+/// Repair rounds before giving up.
+const REPAIR_ROUNDS: usize = 4;
+/// Name of the directory unreachable inodes are moved to.
+const LOST_FOUND: &[u8] = b"lost+found";
 
-struct Walk<'a> {
-    e: &'a Engine,
-    mode: Mode,
-    report: Report,
-    total: u64,
-    owned: Vec<u64>,
-}
-
-impl Walk<'_> {
-    fn problem(&mut self, msg: String) {
-        if self.mode == Mode::Repair {
-            if self.report.repaired.len() < MAX_LISTED {
-                self.report.repaired.push(msg);
-            }
-        } else if self.report.problems.len() < MAX_LISTED {
-            self.report.problems.push(msg);
-        } else if self.report.problems.len() == MAX_LISTED {
-            self.report
-                .problems
-                .push("... (more problems not listed)".into());
-        }
-    }
-
-    /// Claims a block; false if it is out of range or already owned.
-    fn claim(&mut self, block: u64) -> bool {
-        if block >= self.total {
-            return false;
-        }
-        let (w, b) = ((block / 64) as usize, block % 64);
-        if self.owned[w] & (1 << b) != 0 {
-            return false;
-        }
-        self.owned[w] |= 1 << b;
-        true
-    }
-
-    fn release(&mut self, block: u64) {
-        if block < self.total {
-            self.owned[(block / 64) as usize] &= !(1 << (block % 64));
-        }
-    }
-
-    /// Claims all blocks of a tree; on conflict releases what it claimed and returns an error
-    /// message. Returns the number of blocks on success.
-    fn claim_tree(&mut self, packed: u64) -> std::result::Result<u64, String> {
-        let mut claimed = Vec::new();
-        let mut conflict = None;
-        let r = self.e.tree_visit(packed, &mut |block, _, _| {
-            claimed.push(block);
-            Ok(())
-        });
-        if let Err(e) = r {
-            return Err(format!("{e}"));
-        }
-        for &b in &claimed {
-            if !self.claim(b) {
-                conflict = Some(b);
-                break;
-            }
-        }
-        if let Some(b) = conflict {
-            for &c in claimed.iter().take_while(|&&c| c != b) {
-                self.release(c);
-            }
-            return Err(format!("block {b} is owned twice"));
-        }
-        Ok(claimed.len() as u64)
-    }
+#[derive(Debug)]
+enum Fix {
+    /// A damaged record: becomes a free slot (its blocks are then unowned).
+    FreeSlot(u64),
+    /// The inode's tree conflicts with others: it loses its contents.
+    DropTree(u64),
+    DropXattr(u64),
+    SalvageDir(u64),
+    DropEntry(u64, Vec<u8>),
+    Reindex(u64),
+    ToLostFound(u64),
+    SetLinks(u64, u32),
+    SetBlocks(u64, u64),
+    SetParent(u64, u64),
+    RebuildFreeList,
+    /// Bitmap corrections: owned blocks marked free, free blocks marked used.
+    MarkUsed(Vec<(u64, u64)>),
+    MarkFree(Vec<(u64, u64)>),
+    /// Counter corrections (true value minus recorded value).
+    Counters { free_blocks: i64, used_inodes: i64 },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -121,80 +76,203 @@ enum Slot {
     Damaged,
 }
 
+struct Walk<'a> {
+    e: &'a Engine,
+    txn: u64,
+    total: u64,
+    owned: Vec<u64>,
+    problems: Vec<String>,
+    fixes: Vec<Fix>,
+    inodes: u64,
+    directories: u64,
+}
+
+impl Walk<'_> {
+    fn problem(&mut self, msg: String) {
+        if self.problems.len() < MAX_LISTED {
+            self.problems.push(msg);
+        } else if self.problems.len() == MAX_LISTED {
+            self.problems.push("... (more problems not listed)".into());
+        }
+    }
+
+    fn is_owned(&self, block: u64) -> bool {
+        block < self.total && self.owned[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    /// Claims a block; false if it is out of range or already owned.
+    fn claim(&mut self, block: u64) -> bool {
+        if block >= self.total || self.is_owned(block) {
+            return false;
+        }
+        self.owned[(block / 64) as usize] |= 1 << (block % 64);
+        true
+    }
+
+    fn release(&mut self, block: u64) {
+        if block < self.total {
+            self.owned[(block / 64) as usize] &= !(1 << (block % 64));
+        }
+    }
+
+    /// A metadata block's trailer is valid: kind, checksum, birth.
+    fn meta_ok(&self, block: u64, kind: BlockKind) -> std::result::Result<(), String> {
+        let t = self.e.verify_block(block).map_err(|e| e.to_string())?;
+        if t.kind != kind as u8 {
+            return Err(format!("block {block} is of kind {} instead of {kind:?}", t.kind));
+        }
+        if t.birth.get() > self.txn {
+            return Err(format!(
+                "block {block} was written by transaction {} after this state ({})",
+                t.birth, self.txn
+            ));
+        }
+        Ok(())
+    }
+
+    /// Claims all blocks of a tree whose content blocks are metadata of `kind(tree block)` (or
+    /// data when `None`), verifying every metadata block. On a conflict releases what it
+    /// claimed. Returns the blocks claimed.
+    fn claim_tree(
+        &mut self,
+        packed: u64,
+        kind: &dyn Fn(u64) -> Option<BlockKind>,
+    ) -> std::result::Result<u64, String> {
+        let mut blocks: Vec<(u64, bool, u64)> = Vec::new();
+        self.e
+            .tree_visit(packed, &mut |block, content, fblock| {
+                blocks.push((block, content, fblock));
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        for &(block, content, fblock) in &blocks {
+            let check = match (content, kind(fblock)) {
+                (false, _) => self.meta_ok(block, BlockKind::Node),
+                (true, Some(k)) => self.meta_ok(block, k),
+                (true, None) => Ok(()),
+            };
+            check?;
+        }
+        for (i, &(block, _, _)) in blocks.iter().enumerate() {
+            if !self.claim(block) {
+                for &(c, _, _) in &blocks[..i] {
+                    self.release(c);
+                }
+                return Err(format!("block {block} is owned twice"));
+            }
+        }
+        Ok(blocks.len() as u64)
+    }
+}
+
 /// Sizes against extents: a symlink holds its target in block 0 only, 1..=SYMLINK_MAX bytes; a
 /// directory's blocks lie below `dir_entries_end` or inside its current index. (Regular files
 /// may own blocks past EOF: fallocate with KEEP_SIZE.)
-fn extent_problem(e: &Engine, rec: &Inode) -> Result<Option<String>> {
-    let mut data_blocks = Vec::new();
-    e.tree_visit(rec.tree.get(), &mut |_, is_data, fblock| {
-        if is_data {
-            data_blocks.push(fblock);
+fn extent_problem(e: &Engine, rec: &Inode) -> Option<String> {
+    let mut content = Vec::new();
+    e.tree_visit(rec.tree.get(), &mut |_, is_content, fblock| {
+        if is_content {
+            content.push(fblock);
         }
         Ok(())
     })
-    .ok();
+    .ok()?;
     match rec.file_type() {
         libc::S_IFLNK => {
             let size = rec.size.get();
             if size == 0 || size > SYMLINK_MAX as u64 {
-                return Ok(Some(format!("symlink of size {size}")));
+                return Some(format!("symlink of size {size}"));
             }
-            if let Some(fb) = data_blocks.iter().find(|&&fb| fb > 0) {
-                return Ok(Some(format!("symlink owns file block {fb}")));
+            if let Some(fb) = content.iter().find(|&&fb| fb > 0) {
+                return Some(format!("symlink owns file block {fb}"));
             }
         }
         libc::S_IFDIR => {
-            let entries_blocks = rec.dir_entries_end.get().div_ceil(BLOCK_SIZE);
-            let area = dir_hash_area_offset(rec.dir_hash_area.get()) / BLOCK_SIZE;
-            let index_blocks = (rec.dir_hash_cap.get() * 8).div_ceil(BLOCK_SIZE);
-            for &fb in &data_blocks {
-                let in_entries = fb < entries_blocks;
+            let entry_blocks = rec.dir_entries_end.get().div_ceil(BLOCK_SIZE);
+            let area = dir_index_area_block(rec.dir_hash_area.get());
+            let index_blocks = rec.dir_hash_cap.get().div_ceil(DIR_INDEX_SLOTS_PER_BLOCK);
+            for &fb in &content {
+                let in_entries = fb < entry_blocks;
                 let in_index = fb >= area && fb < area + index_blocks;
                 if !in_entries && !in_index {
-                    return Ok(Some(format!(
-                        "directory owns file block {fb} outside its entries ({entries_blocks} \
+                    return Some(format!(
+                        "directory owns file block {fb} outside its entries ({entry_blocks} \
                          blocks) and index"
-                    )));
+                    ));
                 }
             }
         }
         _ => {}
     }
-    Ok(None)
+    None
 }
 
+/// The kind of a directory's content block by its position.
+fn dir_block_kind(fblock: u64) -> Option<BlockKind> {
+    Some(if fblock < DIR_ENTRY_BLOCKS {
+        BlockKind::DirEntries
+    } else {
+        BlockKind::DirIndex
+    })
+}
+
+/// Runs the check; with `Repair`, fixes what it finds (the engine must be writable).
 pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
+    if mode == Mode::Report {
+        return check_once(e).map(|(report, _)| report);
+    }
+    let mut repaired = Vec::new();
+    for _ in 0..REPAIR_ROUNDS {
+        let (report, fixes) = check_once(e)?;
+        if fixes.is_empty() {
+            let mut report = report;
+            report.repaired = repaired;
+            return Ok(report);
+        }
+        repaired.extend(report.problems.iter().cloned());
+        apply(e, fixes)?;
+        e.commit_now()?;
+    }
+    let (mut report, _) = check_once(e)?;
+    report.repaired = repaired;
+    Ok(report)
+}
+
+fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     let sb = e.superblock();
-    let total = e.total_blocks();
+    let total = sb.total_blocks.get();
     let mut w = Walk {
         e,
-        mode,
-        report: Report::default(),
+        txn: e.txm.durable(),
         total,
         owned: vec![0; total.div_ceil(64) as usize],
+        problems: Vec::new(),
+        fixes: Vec::new(),
+        inodes: 0,
+        directories: 0,
     };
-    if sb.total_blocks.get() != total {
+    if e.image().len() < total * BLOCK_SIZE {
         w.problem(format!(
-            "superblock total_blocks {} but the image has {total}",
-            sb.total_blocks
+            "the file holds {} of the image's {total} blocks",
+            e.image().len() / BLOCK_SIZE
         ));
     }
     w.claim(0);
+    w.claim(1);
+    // The space map and the inode table must be intact: without them nothing can be checked.
+    w.claim_tree(sb.space_tree.get(), &|_| Some(BlockKind::Bitmap))
+        .map_err(|m| Error::corrupt(format!("space map: {m}")))?;
     for g in 0..total.div_ceil(GROUP_BLOCKS) {
-        if !w.claim(bitmap_block(g)) {
-            return Err(Error::corrupt(format!(
-                "group {g} bitmap block out of range"
-            )));
+        if e.tree_lookup(sb.space_tree.get(), g)?.is_none() {
+            return Err(Error::corrupt(format!("space map: bitmap of group {g} missing")));
         }
     }
-    // The inode table must be intact: without it nothing can be found.
-    let itab = sb.itab_tree.get();
     let slots = sb.itab_slots.get();
-    w.claim_tree(itab)
+    w.claim_tree(sb.itab_tree.get(), &|_| Some(BlockKind::InodeTable))
         .map_err(|m| Error::corrupt(format!("inode table: {m}")))?;
-    for fb in 0..slots / INODES_PER_BLOCK {
-        if e.tree_lookup(itab, fb)?.is_none() {
-            return Err(Error::corrupt(format!("inode table block {fb} missing")));
+    for leaf in 0..slots / INODES_PER_BLOCK {
+        if e.tree_lookup(sb.itab_tree.get(), leaf)?.is_none() {
+            return Err(Error::corrupt(format!("inode table leaf {leaf} missing")));
         }
     }
 
@@ -206,6 +284,7 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
             Ok(_) => state[ino as usize] = Slot::Used,
             Err(err) => {
                 w.problem(format!("inode {ino}: {err}"));
+                w.fixes.push(Fix::FreeSlot(ino));
                 state[ino as usize] = Slot::Damaged;
             }
         }
@@ -213,10 +292,16 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     if state.get(ROOT_INO as usize) != Some(&Slot::Used) {
         return Err(Error::corrupt("root directory inode is missing or damaged"));
     }
-    let root = e.read_inode(ROOT_INO)?;
-    if !root.is_dir() {
+    if !e.read_inode(ROOT_INO)?.is_dir() {
         return Err(Error::corrupt("root inode is not a directory"));
     }
+    let orphans: BTreeSet<u64> = match e.orphans() {
+        Ok(list) => list.into_iter().collect(),
+        Err(err) => {
+            w.problem(format!("orphan list: {err}"));
+            BTreeSet::new()
+        }
+    };
 
     // Pass 2: walk the tree from the root, counting references.
     let mut refs = vec![0u32; slots as usize];
@@ -224,150 +309,68 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     let mut reached = vec![false; slots as usize];
     let mut queue = VecDeque::from([ROOT_INO]);
     reached[ROOT_INO as usize] = true;
+    // Directories and the entries of theirs that unreachable inodes may be linked under.
+    let mut dir_entries: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     while let Some(dino) = queue.pop_front() {
-        w.report.directories += 1;
-        let mut dir = e.read_inode(dino)?;
-        let mut entries = Vec::new();
-        let walk_result = e.dir_for_each(&dir, 0, &mut |ent| {
-            entries.push(ent);
-            Ok(true)
-        });
-        let mut dir_changed = false;
-        if let Err(err) = walk_result {
-            w.problem(format!("directory {dino}: {err}"));
-            if mode == Mode::Repair {
-                let cut = e.dir_salvage(&mut dir)?;
-                w.problem(format!(
-                    "directory {dino}: cut out {cut} damaged entry record(s)"
-                ));
-                entries.clear();
-                e.dir_for_each(&dir, 0, &mut |ent| {
-                    entries.push(ent);
-                    Ok(true)
-                })?;
-                e.dir_reindex(&mut dir)?;
-                dir_changed = true;
-            }
-        }
-        let mut index_ok = dir.dir_live.get() == entries.len() as u64;
-        for ent in &entries {
-            match e.dir_find(&dir, &ent.name) {
-                Ok(Some(f)) if f.offset == ent.offset => {}
-                _ => index_ok = false,
-            }
-        }
-        if !index_ok {
-            w.problem(format!(
-                "directory {dino}: name index does not match its entries"
-            ));
-            if mode == Mode::Repair {
-                e.dir_reindex(&mut dir)?;
-                dir_changed = true;
-            }
-        }
-        for ent in entries {
-            let t = ent.ino;
-            let name = String::from_utf8_lossy(&ent.name).into_owned();
-            let valid = t < slots && state[t as usize] == Slot::Used;
-            let target = if valid { e.read_inode(t).ok() } else { None };
-            let bad = match &target {
-                None => Some(format!("points at missing inode {t}")),
-                Some(r) if r.is_dir() && (reached[t as usize] || r.parent.get() != dino) => {
-                    Some(format!("is a second link to directory {t}"))
-                }
-                Some(r) if dtype_of_mode(r.mode.get()) != ent.kind => Some(format!(
-                    "records type {} for inode {t} of mode {:o}",
-                    ent.kind, r.mode
-                )),
-                Some(_) => None,
-            };
-            if let Some(msg) = bad {
-                w.problem(format!("directory {dino} entry {name:?} {msg}"));
-                if mode == Mode::Repair {
-                    e.dir_remove(&mut dir, &ent.name)?;
-                    dir_changed = true;
-                }
-                continue;
-            }
-            refs[t as usize] += 1;
-            if let Some(r) = target {
-                if r.is_dir() {
-                    subdirs[dino as usize] += 1;
-                    reached[t as usize] = true;
-                    queue.push_back(t);
-                } else {
-                    reached[t as usize] = true;
-                }
-            }
-        }
-        if dir_changed {
-            e.write_inode(dino, &mut dir)?;
-        }
+        walk_dir(&mut w, dino, slots, &state, &mut refs, &mut subdirs, &mut reached, &mut queue)?;
     }
 
-    // Pass 3: per-inode checks, freeing what is unreachable or damaged.
+    // Pass 3: per-inode checks.
+    let mut unreachable = Vec::new();
     for ino in 1..slots {
         let i = ino as usize;
-        match state[i] {
-            Slot::Free => continue,
-            Slot::Damaged => {
-                if mode == Mode::Repair {
-                    let mut free = Inode::new_zeroed();
-                    e.write_inode(ino, &mut free)?;
-                    state[i] = Slot::Free;
-                }
-                continue;
-            }
-            Slot::Used => {}
+        if state[i] != Slot::Used {
+            continue;
         }
-        let mut rec = e.read_inode(ino)?;
+        let rec = e.read_inode(ino)?;
         if !reached[i] {
-            w.problem(format!("inode {ino} is not reachable from the root"));
-            if mode == Mode::Repair {
-                let mut free = Inode::new_zeroed();
-                e.write_inode(ino, &mut free)?;
-                state[i] = Slot::Free;
-                continue;
+            if orphans.contains(&ino) && rec.nlink.get() == 0 {
+                // Unlinked while open: recovery (the next mount) frees it.
+            } else {
+                w.problem(format!("inode {ino} is not reachable from the root"));
+                unreachable.push(ino);
+                if rec.is_dir() {
+                    let mut children = Vec::new();
+                    let _ = e.dir_for_each(&rec, 0, &mut |ent| {
+                        children.push(ent.ino);
+                        Ok(true)
+                    });
+                    dir_entries.insert(ino, children);
+                }
             }
+        } else if orphans.contains(&ino) {
+            w.problem(format!("inode {ino} is on the orphan list but has a name"));
         }
-        let mut changed = false;
-        let tree_blocks = match w.claim_tree(rec.tree.get()) {
+        let kind: &dyn Fn(u64) -> Option<BlockKind> = if rec.is_dir() {
+            &dir_block_kind
+        } else {
+            &|_| None
+        };
+        let tree_blocks = match w.claim_tree(rec.tree.get(), kind) {
             Ok(n) => n,
             Err(m) => {
-                w.problem(format!("inode {ino}: data tree: {m}"));
-                if mode == Mode::Repair {
-                    rec.tree = 0.into();
-                    rec.size = 0.into();
-                    changed = true;
-                }
+                w.problem(format!("inode {ino}: contents: {m}"));
+                w.fixes.push(Fix::DropTree(ino));
                 0
             }
         };
-        if let Some(msg) = extent_problem(e, &rec)? {
+        if let Some(msg) = extent_problem(e, &rec) {
             w.problem(format!("inode {ino}: {msg}"));
         }
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
         if xb != 0 {
-            if e.xattr_validate(&rec).is_ok() && w.claim(xb) {
+            let valid = w.meta_ok(xb, BlockKind::Xattr).is_ok() && e.xattr_validate(&rec).is_ok();
+            if valid && w.claim(xb) {
                 owned += 1;
             } else {
-                w.problem(format!(
-                    "inode {ino}: xattr block {xb} invalid or owned twice"
-                ));
-                if mode == Mode::Repair {
-                    rec.xattr_block = 0.into();
-                    changed = true;
-                }
+                w.problem(format!("inode {ino}: xattr block {xb} invalid or owned twice"));
+                w.fixes.push(Fix::DropXattr(ino));
             }
         }
         if rec.blocks.get() != owned {
-            w.problem(format!(
-                "inode {ino}: records {} blocks, owns {owned}",
-                rec.blocks
-            ));
-            rec.blocks = owned.into();
-            changed = true;
+            w.problem(format!("inode {ino}: records {} blocks, owns {owned}", rec.blocks));
+            w.fixes.push(Fix::SetBlocks(ino, owned));
         }
         let expected_links = if rec.is_dir() {
             2 + subdirs[i]
@@ -379,19 +382,20 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
                 "inode {ino}: link count {} but {expected_links} references",
                 rec.nlink
             ));
-            rec.nlink = expected_links.into();
-            changed = true;
+            w.fixes.push(Fix::SetLinks(ino, expected_links));
         }
-        if changed && mode == Mode::Repair {
-            e.write_inode(ino, &mut rec)?;
+        w.inodes += 1;
+    }
+    // Unreachable inodes go to /lost+found; only the tops of unreachable subtrees need a name.
+    let inside: BTreeSet<u64> = dir_entries.values().flatten().copied().collect();
+    for ino in unreachable {
+        if !inside.contains(&ino) {
+            w.fixes.push(Fix::ToLostFound(ino));
         }
-        w.report.inodes += 1;
     }
 
-    // Pass 4: free inode list.
-    let free_slots = (1..slots)
-        .filter(|&i| state[i as usize] == Slot::Free)
-        .count() as u64;
+    // Pass 4: the free inode list.
+    let free_slots = (1..slots).filter(|&i| state[i as usize] == Slot::Free).count() as u64;
     let mut listed = 0u64;
     let mut seen = vec![false; slots as usize];
     let mut cur = sb.free_inode_head.get();
@@ -404,73 +408,276 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
         seen[cur as usize] = true;
         listed += 1;
         cur = match e.read_inode_raw(cur) {
-            Ok(r) => r.next_link.get(),
+            Ok(r) => r.next_free.get(),
             Err(_) => {
                 list_ok = false;
                 break;
             }
         };
     }
-    if !list_ok || listed != free_slots {
-        w.problem(format!(
-            "free inode list holds {listed} of {free_slots} free inodes or is broken"
-        ));
+    let damaged = state.iter().any(|s| *s == Slot::Damaged);
+    if !list_ok || listed != free_slots || damaged {
+        if !list_ok || listed != free_slots {
+            w.problem(format!(
+                "free inode list holds {listed} of {free_slots} free inodes or is broken"
+            ));
+        }
+        w.fixes.push(Fix::RebuildFreeList);
     }
-    let used_inodes = (1..slots)
-        .filter(|&i| state[i as usize] == Slot::Used)
-        .count() as u64;
-    if sb.used_inodes.get() != used_inodes {
-        w.problem(format!(
-            "superblock counts {} used inodes, found {used_inodes}",
-            sb.used_inodes
-        ));
-    }
+    let used_inodes = (1..slots).filter(|&i| state[i as usize] == Slot::Used).count() as u64;
 
-    // Pass 5: the bitmap must mark exactly the owned blocks.
+    // Pass 5: the bitmaps must mark exactly the owned blocks.
     let mut used_blocks = 0u64;
-    let mut mismatched = 0u64;
+    let mut mark_used: Vec<(u64, u64)> = Vec::new();
+    let mut mark_free: Vec<(u64, u64)> = Vec::new();
+    let push = |v: &mut Vec<(u64, u64)>, b: u64| match v.last_mut() {
+        Some((s, l)) if *s + *l == b => *l += 1,
+        _ => v.push((b, 1)),
+    };
     for b in 0..total {
-        let owned = w.owned[(b / 64) as usize] & (1 << (b % 64)) != 0;
+        let owned = w.is_owned(b);
         used_blocks += u64::from(owned);
-        if alloc::get_bit(e.image(), b)? != owned {
-            mismatched += 1;
-            if mode == Mode::Repair {
-                alloc::set_bit(e.image(), b, owned)?;
+        let bit = e.bit_set(sb.space_tree.get(), b)?;
+        if bit != owned {
+            if owned {
+                push(&mut mark_used, b);
+            } else {
+                push(&mut mark_free, b);
             }
         }
     }
+    let mismatched: u64 = mark_used.iter().chain(&mark_free).map(|r| r.1).sum();
     if mismatched > 0 {
         w.problem(format!(
             "bitmap disagrees with block ownership for {mismatched} blocks"
         ));
+        w.fixes.insert(0, Fix::MarkUsed(mark_used));
+        w.fixes.push(Fix::MarkFree(mark_free));
     }
     let free_blocks = total - used_blocks;
-    if sb.free_blocks.get() != free_blocks {
+    let delta_free = free_blocks as i64 - sb.free_blocks.get() as i64;
+    let delta_used = used_inodes as i64 - sb.used_inodes.get() as i64;
+    if delta_free != 0 {
         w.problem(format!(
             "superblock counts {} free blocks, found {free_blocks}",
             sb.free_blocks
         ));
     }
-    w.report.blocks_used = used_blocks;
+    if delta_used != 0 {
+        w.problem(format!(
+            "superblock counts {} used inodes, found {used_inodes}",
+            sb.used_inodes
+        ));
+    }
+    if delta_free != 0 || delta_used != 0 {
+        w.fixes.insert(
+            0,
+            Fix::Counters {
+                free_blocks: delta_free,
+                used_inodes: delta_used,
+            },
+        );
+    }
+    let report = Report {
+        problems: std::mem::take(&mut w.problems),
+        repaired: Vec::new(),
+        inodes: w.inodes,
+        directories: w.directories,
+        blocks_used: used_blocks,
+    };
+    Ok((report, w.fixes))
+}
 
-    if mode == Mode::Repair {
-        // Rebuild the free inode list (descending, so low numbers are reused first).
-        let mut head = 0u64;
-        for ino in (1..slots).rev() {
-            if state[ino as usize] == Slot::Free {
-                let mut rec = Inode::new_zeroed();
-                rec.next_link = head.into();
-                e.write_inode(ino, &mut rec)?;
-                head = ino;
+/// Checks one reachable directory: its records, its index, and each entry's target.
+#[allow(clippy::too_many_arguments)]
+fn walk_dir(
+    w: &mut Walk,
+    dino: u64,
+    slots: u64,
+    state: &[Slot],
+    refs: &mut [u32],
+    subdirs: &mut [u32],
+    reached: &mut [bool],
+    queue: &mut VecDeque<u64>,
+) -> Result<()> {
+    let e = w.e;
+    w.directories += 1;
+    let dir = e.read_inode(dino)?;
+    let mut entries = Vec::new();
+    if let Err(err) = e.dir_for_each(&dir, 0, &mut |ent| {
+        entries.push(ent);
+        Ok(true)
+    }) {
+        w.problem(format!("directory {dino}: {err}"));
+        w.fixes.push(Fix::SalvageDir(dino));
+    }
+    let mut index_ok = dir.dir_live.get() == entries.len() as u64;
+    let mut names = BTreeSet::new();
+    for ent in &entries {
+        match e.dir_find(&dir, &ent.name) {
+            Ok(Some(f)) if f.offset == ent.offset => {}
+            _ => index_ok = false,
+        }
+        if !names.insert(ent.name.clone()) {
+            w.problem(format!(
+                "directory {dino}: name {:?} appears twice",
+                String::from_utf8_lossy(&ent.name)
+            ));
+            w.fixes.push(Fix::DropEntry(dino, ent.name.clone()));
+        }
+    }
+    if !index_ok {
+        w.problem(format!("directory {dino}: name index does not match its entries"));
+        w.fixes.push(Fix::Reindex(dino));
+    }
+    for ent in entries {
+        let t = ent.ino;
+        let name = String::from_utf8_lossy(&ent.name).into_owned();
+        let valid = t < slots && state[t as usize] == Slot::Used;
+        let target = if valid { e.read_inode(t).ok() } else { None };
+        let bad = match &target {
+            None => Some(format!("points at missing inode {t}")),
+            Some(r) if r.is_dir() && reached[t as usize] => {
+                Some(format!("is a second link to directory {t}"))
+            }
+            Some(r) if dtype_of_mode(r.mode.get()) != ent.kind => Some(format!(
+                "records type {} for inode {t} of mode {:o}",
+                ent.kind, r.mode
+            )),
+            Some(_) => None,
+        };
+        if let Some(msg) = bad {
+            w.problem(format!("directory {dino} entry {name:?} {msg}"));
+            w.fixes.push(Fix::DropEntry(dino, ent.name));
+            continue;
+        }
+        refs[t as usize] += 1;
+        if let Some(r) = target {
+            reached[t as usize] = true;
+            if r.is_dir() {
+                subdirs[dino as usize] += 1;
+                if r.parent.get() != dino {
+                    w.problem(format!(
+                        "directory {t} is named in {dino} but records parent {}",
+                        r.parent
+                    ));
+                    w.fixes.push(Fix::SetParent(t, dino));
+                }
+                queue.push_back(t);
             }
         }
-        e.update_sb(|sb| {
-            sb.free_inode_head = head.into();
-            sb.used_inodes = used_inodes.into();
-            sb.free_blocks = free_blocks.into();
-            sb.total_blocks = total.into();
-        })?;
-        e.img.sync_all()?;
     }
-    Ok(w.report)
+    Ok(())
+}
+
+/// Applies fixes in one transaction per fix (each is small and independent).
+fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
+    for fix in fixes {
+        let tx = e.begin_delete(256)?;
+        match fix {
+            Fix::Counters {
+                free_blocks,
+                used_inodes,
+            } => {
+                e.adjust_free_blocks(free_blocks);
+                e.adjust_used_inodes(used_inodes);
+            }
+            Fix::MarkUsed(ranges) => {
+                for (s, l) in ranges {
+                    e.mark_used(s, l);
+                }
+            }
+            Fix::MarkFree(ranges) => {
+                for (s, l) in ranges {
+                    super::pager::Blocks::free(&mut tx.blocks(), s, l)?;
+                }
+            }
+            Fix::FreeSlot(ino) => {
+                let mut free = Inode::new_zeroed();
+                e.overwrite_record(&tx, ino, &mut free)?;
+            }
+            Fix::DropTree(ino) => with_inode(e, &tx, ino, |rec| {
+                rec.tree = 0.into();
+                rec.size = 0.into();
+                if rec.is_dir() {
+                    let parent = rec.parent.get();
+                    e.dir_init(rec, parent);
+                }
+            })?,
+            Fix::DropXattr(ino) => with_inode(e, &tx, ino, |rec| rec.xattr_block = 0.into())?,
+            Fix::SetBlocks(ino, n) => with_inode(e, &tx, ino, |rec| rec.blocks = n.into())?,
+            Fix::SetLinks(ino, n) => with_inode(e, &tx, ino, |rec| rec.nlink = n.into())?,
+            Fix::SetParent(ino, p) => with_inode(e, &tx, ino, |rec| rec.parent = p.into())?,
+            Fix::SalvageDir(dino) => {
+                let mut dir = e.read_inode(dino)?;
+                e.dir_salvage(&tx, &mut dir)?;
+                e.dir_reindex(&tx, &mut dir)?;
+                e.write_inode(&tx, dino, &mut dir)?;
+            }
+            Fix::Reindex(dino) => {
+                let mut dir = e.read_inode(dino)?;
+                e.dir_reindex(&tx, &mut dir)?;
+                e.write_inode(&tx, dino, &mut dir)?;
+            }
+            Fix::DropEntry(dino, name) => {
+                let mut dir = e.read_inode(dino)?;
+                match e.dir_remove(&tx, &mut dir, &name) {
+                    Ok(_) | Err(Error::NotFound) => {}
+                    Err(err) => return Err(err),
+                }
+                e.write_inode(&tx, dino, &mut dir)?;
+            }
+            Fix::ToLostFound(ino) => to_lost_found(e, &tx, ino)?,
+            Fix::RebuildFreeList => e.rebuild_free_list(&tx)?,
+        }
+    }
+    Ok(())
+}
+
+fn with_inode(e: &Engine, tx: &super::Tx, ino: u64, f: impl FnOnce(&mut Inode)) -> Result<()> {
+    let mut rec = e.read_inode(ino)?;
+    f(&mut rec);
+    e.write_inode(tx, ino, &mut rec)
+}
+
+/// Links an unreachable inode into `/lost+found` as `#INO` (made on demand).
+fn to_lost_found(e: &Engine, tx: &super::Tx, ino: u64) -> Result<()> {
+    let mut root = e.read_inode(ROOT_INO)?;
+    let lf = match e.dir_lookup(&root, LOST_FOUND)? {
+        Some((lf, libc::DT_DIR)) => lf,
+        Some(_) => return Err(Error::corrupt("/lost+found is not a directory")),
+        None => {
+            let (lf, mut rec) = e.alloc_inode(
+                tx,
+                &super::NewInode {
+                    mode: libc::S_IFDIR | 0o700,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                },
+            )?;
+            e.dir_init(&mut rec, ROOT_INO);
+            rec.nlink = 2.into();
+            e.write_inode(tx, lf, &mut rec)?;
+            e.dir_insert(tx, &mut root, LOST_FOUND, lf, libc::DT_DIR)?;
+            root.nlink = (root.nlink.get() + 1).into();
+            e.write_inode(tx, ROOT_INO, &mut root)?;
+            lf
+        }
+    };
+    let mut dir = e.read_inode(lf)?;
+    let mut rec = e.read_inode(ino)?;
+    let name = format!("#{ino}");
+    if e.dir_lookup(&dir, name.as_bytes())?.is_some() {
+        return Ok(());
+    }
+    e.dir_insert(tx, &mut dir, name.as_bytes(), ino, dtype_of_mode(rec.mode.get()))?;
+    if rec.is_dir() {
+        rec.parent = lf.into();
+        dir.nlink = (dir.nlink.get() + 1).into();
+    } else if rec.nlink.get() == 0 {
+        rec.nlink = 1.into();
+    }
+    e.write_inode(tx, ino, &mut rec)?;
+    e.write_inode(tx, lf, &mut dir)
 }

@@ -1,34 +1,36 @@
 //! Directories. A directory inode's block tree holds two things:
-//! - entry records, appended at `dir_entries_end` in `[0, DIR_ENTRIES_MAX)`; a record never
-//!   crosses a block boundary (a zero `rec_len` means "rest of the block unused"); a deleted
-//!   record keeps its place with `ino = 0`, so a record's offset is a stable readdir cookie;
-//! - a name index: an open-addressing hash table of u64 slots `(hash << 32) | (offset / 8 + 1)`
-//!   in one of two areas (`dir_hash_area_offset`). Empty slot = 0, deleted = `DIR_SLOT_DELETED`
-//!   in the low half. It is rebuilt into the other area when it fills up, so lookups stay O(1)
-//!   at any size without moving entry records.
+//! - entry records (blocks of kind `DirEntries`), appended at `dir_entries_end` in tree blocks
+//!   `[0, DIR_ENTRY_BLOCKS)`; a record never crosses a block's payload (a zero `rec_len` means
+//!   "rest of the block unused"); a deleted record keeps its place with `ino = 0`, so a record's
+//!   offset is a stable readdir cookie;
+//! - a name index (blocks of kind `DirIndex`): an open-addressing hash table of u64 slots
+//!   `(hash << 32) | (offset / 8 + 1)` in one of two areas (`dir_index_area_block`). Empty
+//!   slot = 0, deleted = `DIR_SLOT_DELETED` in the low half. It is rebuilt into the other area
+//!   when it fills up, so lookups stay O(1) at any size without moving entry records.
 //!
 //! Callers hold the directory's inode write lock for changes, the read lock for lookups and
 //! iteration, and write the inode record back after a change.
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::txn::Tx;
 use super::{Engine, block_off};
 use crate::error::{Error, Result};
 use crate::format::*;
 
 /// Index slots in a new index (one block).
-const MIN_INDEX_SLOTS: u64 = BLOCK_SIZE / 8;
+const MIN_INDEX_SLOTS: u64 = 512;
 /// Largest offset the 32-bit entry reference in an index slot can name.
 const ENTRIES_LIMIT: u64 = (u32::MAX as u64 - 1) * 8;
 
-/// Whether a record header at `in_block` is well formed (lengths fit the block and the name).
+/// Whether a record header at `in_block` is well formed (lengths fit the payload and the name).
 fn plausible_record(h: &DirentHeader, in_block: u64) -> bool {
     let rec_len = u64::from(h.rec_len.get());
     let name_len = usize::from(h.name_len);
     rec_len % 8 == 0
         && name_len > 0
         && rec_len >= dirent_rec_len(name_len)
-        && in_block + rec_len <= BLOCK_SIZE
+        && in_block + rec_len <= PAYLOAD_SIZE
 }
 
 /// One live directory entry.
@@ -44,42 +46,62 @@ pub struct DirEntry {
 }
 
 /// Where a name was found.
-pub struct Found {
+pub(super) struct Found {
     pub ino: u64,
     pub kind: u8,
     pub offset: u64,
     slot: u64,
 }
 
+fn kind_of_block(fblock: u64) -> BlockKind {
+    if fblock < DIR_ENTRY_BLOCKS {
+        BlockKind::DirEntries
+    } else {
+        BlockKind::DirIndex
+    }
+}
+
 impl Engine {
-    /// Borrows `len` bytes of a directory's tree at `off` (inside one block); `None` = hole.
+    /// Borrows `len` bytes of a directory's tree at byte `off` (inside one payload);
+    /// `None` = hole.
     fn dir_bytes(&self, dir: &Inode, off: u64, len: usize) -> Result<Option<&[u8]>> {
-        debug_assert!(off % BLOCK_SIZE + len as u64 <= BLOCK_SIZE);
-        match self.tree_lookup(dir.tree.get(), off / BLOCK_SIZE)? {
-            Some(b) => Ok(Some(self.img.bytes(block_off(b) + off % BLOCK_SIZE, len)?)),
+        let fblock = off / BLOCK_SIZE;
+        if off % BLOCK_SIZE + len as u64 > PAYLOAD_SIZE {
+            return Err(self.corrupt(format!("directory read at {off}+{len} crosses a block")));
+        }
+        match self.tree_lookup(dir.tree.get(), fblock)? {
+            Some(b) => {
+                self.expect_kind(b, kind_of_block(fblock), None)?;
+                Ok(Some(self.img.bytes(block_off(b) + off % BLOCK_SIZE, len)?))
+            }
             None => Ok(None),
         }
     }
 
-    /// Writes inside one block of a directory's tree, allocating a zeroed block if needed.
-    fn dir_write(&self, dir: &mut Inode, off: u64, data: &[u8]) -> Result<()> {
+    /// Writes inside one payload of a directory's tree, copying or creating the block as needed.
+    fn dir_write(&self, tx: &Tx, dir: &mut Inode, off: u64, data: &[u8]) -> Result<()> {
+        let fblock = off / BLOCK_SIZE;
+        debug_assert!(off % BLOCK_SIZE + data.len() as u64 <= PAYLOAD_SIZE);
         let mut tree = dir.tree.get();
         let mut blocks = dir.blocks.get();
-        let r = self.tree_ensure(&mut tree, off / BLOCK_SIZE, 1, &mut blocks);
+        let r = self.tree_meta_mut(
+            &mut tx.blocks(),
+            &mut tree,
+            fblock,
+            kind_of_block(fblock),
+            &mut blocks,
+        );
         dir.tree = tree.into();
         dir.blocks = blocks.into();
-        let (run, fresh) = r?;
-        if fresh {
-            self.img.zero(block_off(run.start), BLOCK_SIZE as usize)?;
-        }
+        let (block, _) = r?;
         self.img
-            .write(block_off(run.start) + off % BLOCK_SIZE, data)?;
-        self.mark_meta(run.start);
+            .write(block_off(block) + off % BLOCK_SIZE, data)?;
         Ok(())
     }
 
     fn index_slot_off(dir: &Inode, idx: u64) -> u64 {
-        dir_hash_area_offset(dir.dir_hash_area.get()) + idx * 8
+        let fblock = dir_index_area_block(dir.dir_hash_area.get()) + idx / DIR_INDEX_SLOTS_PER_BLOCK;
+        fblock * BLOCK_SIZE + (idx % DIR_INDEX_SLOTS_PER_BLOCK) * 8
     }
 
     fn load_index_slot(&self, dir: &Inode, idx: u64) -> Result<u64> {
@@ -91,18 +113,17 @@ impl Engine {
         }
     }
 
-    fn store_index_slot(&self, dir: &mut Inode, idx: u64, v: u64) -> Result<()> {
+    fn store_index_slot(&self, tx: &Tx, dir: &mut Inode, idx: u64, v: u64) -> Result<()> {
         let off = Self::index_slot_off(dir, idx);
-        self.dir_write(dir, off, &v.to_le_bytes())
+        self.dir_write(tx, dir, off, &v.to_le_bytes())
     }
 
     /// Reads and validates the entry record at `off`. `Ok(None)` = end of this block.
     fn read_record(&self, dir: &Inode, off: u64) -> Result<Option<(DirentHeader, &[u8])>> {
         let in_block = off % BLOCK_SIZE;
-        if in_block + DIRENT_HEADER_SIZE > BLOCK_SIZE {
+        if in_block + DIRENT_HEADER_SIZE > PAYLOAD_SIZE {
             return Ok(None);
         }
-        // A block that was never written (or freed by an interrupted operation) holds nothing.
         let Some(hb) = self.dir_bytes(dir, off, DIRENT_HEADER_SIZE as usize)? else {
             return Ok(None);
         };
@@ -112,7 +133,7 @@ impl Engine {
             return Ok(None);
         }
         if !plausible_record(&h, in_block) {
-            return Err(Error::corrupt(format!(
+            return Err(self.corrupt(format!(
                 "directory entry at {off}: record length {rec_len}, name length {}",
                 h.name_len
             )));
@@ -121,9 +142,7 @@ impl Engine {
             .dir_bytes(dir, off + DIRENT_HEADER_SIZE, usize::from(h.name_len))?
             .ok_or_else(|| Error::corrupt("directory entry name"))?;
         if dirent_checksum(&h, name) != h.checksum.get() {
-            return Err(Error::corrupt(format!(
-                "directory entry at {off}: checksum mismatch"
-            )));
+            return Err(self.corrupt(format!("directory entry at {off}: checksum mismatch")));
         }
         Ok(Some((h, name)))
     }
@@ -134,8 +153,8 @@ impl Engine {
         if cap == 0 {
             return Ok(None);
         }
-        if !cap.is_power_of_two() {
-            return Err(Error::corrupt(format!("directory index size {cap}")));
+        if !cap.is_power_of_two() || cap > DIR_INDEX_AREA_BLOCKS * DIR_INDEX_SLOTS_PER_BLOCK {
+            return Err(self.corrupt(format!("directory index size {cap}")));
         }
         let hash = name_hash(self.hash_seed, name);
         let mut idx = u64::from(hash) & (cap - 1);
@@ -148,9 +167,7 @@ impl Engine {
             if (slot >> 32) as u32 == hash && reference != DIR_SLOT_DELETED {
                 let off = (u64::from(reference) - 1) * 8;
                 if off >= dir.dir_entries_end.get() {
-                    return Err(Error::corrupt(format!(
-                        "directory index points past end: {off}"
-                    )));
+                    return Err(self.corrupt(format!("directory index points past end: {off}")));
                 }
                 if let Some((h, n)) = self.read_record(dir, off)?
                     && h.ino.get() != 0
@@ -173,8 +190,15 @@ impl Engine {
         Ok(self.dir_find(dir, name)?.map(|f| (f.ino, f.kind)))
     }
 
+    /// Blocks an insert into `dir` may need beyond a handful: an index rebuild.
+    pub fn dir_insert_cost(&self, dir: &Inode) -> u64 {
+        let cap = dir.dir_hash_cap.get();
+        let new_cap = (dir.dir_live.get() + 1).saturating_mul(2).max(cap).max(MIN_INDEX_SLOTS);
+        new_cap.next_power_of_two().saturating_mul(2) / DIR_INDEX_SLOTS_PER_BLOCK + 8
+    }
+
     /// Appends an entry (the caller checked that `name` is absent).
-    pub fn dir_insert(&self, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<()> {
+    pub fn dir_insert(&self, tx: &Tx, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<()> {
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
@@ -186,14 +210,14 @@ impl Engine {
             while live * 2 > new_cap {
                 new_cap *= 2;
             }
-            self.rebuild_index(dir, new_cap)?;
+            self.rebuild_index(tx, dir, new_cap)?;
         }
         let rec_len = dirent_rec_len(name.len());
         let mut off = dir.dir_entries_end.get();
-        if off % BLOCK_SIZE + rec_len > BLOCK_SIZE {
+        if off % BLOCK_SIZE + rec_len > PAYLOAD_SIZE {
             off = off.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         }
-        if off + rec_len > ENTRIES_LIMIT.min(DIR_ENTRIES_MAX) {
+        if off + rec_len > ENTRIES_LIMIT.min(DIR_ENTRY_BLOCKS * BLOCK_SIZE) {
             return Err(Error::NoSpace);
         }
         let hash = name_hash(self.hash_seed, name);
@@ -201,14 +225,14 @@ impl Engine {
         let header = DirentHeader::sealed(ino, rec_len, kind, name);
         rec[..DIRENT_HEADER_SIZE as usize].copy_from_slice(header.as_bytes());
         rec[DIRENT_HEADER_SIZE as usize..][..name.len()].copy_from_slice(name);
-        self.dir_write(dir, off, &rec)?;
+        self.dir_write(tx, dir, off, &rec)?;
         dir.dir_entries_end = (off + rec_len).into();
-        self.index_put(dir, hash, off)?;
+        self.index_put(tx, dir, hash, off)?;
         dir.dir_live = (dir.dir_live.get() + 1).into();
         Ok(())
     }
 
-    fn index_put(&self, dir: &mut Inode, hash: u32, off: u64) -> Result<()> {
+    fn index_put(&self, tx: &Tx, dir: &mut Inode, hash: u32, off: u64) -> Result<()> {
         let cap = dir.dir_hash_cap.get();
         let mut idx = u64::from(hash) & (cap - 1);
         for _ in 0..cap {
@@ -218,15 +242,15 @@ impl Engine {
                     dir.dir_hash_used = (dir.dir_hash_used.get() + 1).into();
                 }
                 let v = (u64::from(hash) << 32) | (off / 8 + 1);
-                return self.store_index_slot(dir, idx, v);
+                return self.store_index_slot(tx, dir, idx, v);
             }
             idx = (idx + 1) & (cap - 1);
         }
-        Err(Error::corrupt("directory index full"))
+        Err(self.corrupt("directory index full"))
     }
 
     /// Rebuilds the index with `new_cap` slots in the other area, dropping deleted slots.
-    fn rebuild_index(&self, dir: &mut Inode, new_cap: u64) -> Result<()> {
+    fn rebuild_index(&self, tx: &Tx, dir: &mut Inode, new_cap: u64) -> Result<()> {
         let old_area = dir.dir_hash_area.get();
         let new_area = 1 - old_area.min(1);
         let mut entries = Vec::new();
@@ -235,24 +259,23 @@ impl Engine {
             Ok(true)
         })?;
         // Clear whatever the target area held, then fill it.
-        self.free_index_area(dir, new_area)?;
+        self.free_index_area(tx, dir, new_area)?;
         dir.dir_hash_area = new_area.into();
         dir.dir_hash_cap = new_cap.into();
         dir.dir_hash_used = 0.into();
         for (hash, off) in entries {
-            self.index_put(dir, hash, off)?;
+            self.index_put(tx, dir, hash, off)?;
         }
-        self.free_index_area(dir, old_area)
+        self.free_index_area(tx, dir, old_area)
     }
 
-    fn free_index_area(&self, dir: &mut Inode, area: u32) -> Result<()> {
-        let start = dir_hash_area_offset(area) / BLOCK_SIZE;
-        let end = start + (1u64 << 40) / BLOCK_SIZE;
-        self.punch_blocks(dir, start, end)
+    fn free_index_area(&self, tx: &Tx, dir: &mut Inode, area: u32) -> Result<()> {
+        let start = dir_index_area_block(area);
+        self.punch_blocks(tx, dir, start, start + DIR_INDEX_AREA_BLOCKS)
     }
 
     /// Removes the entry `name`; returns what it pointed at.
-    pub fn dir_remove(&self, dir: &mut Inode, name: &[u8]) -> Result<(u64, u8)> {
+    pub fn dir_remove(&self, tx: &Tx, dir: &mut Inode, name: &[u8]) -> Result<(u64, u8)> {
         let f = self.dir_find(dir, name)?.ok_or(Error::NotFound)?;
         let (h, _) = self
             .read_record(dir, f.offset)?
@@ -260,16 +283,17 @@ impl Engine {
         let tombstone = DirentHeader::sealed(0, u64::from(h.rec_len.get()), h.kind, name);
         let slot = self.load_index_slot(dir, f.slot)?;
         self.store_index_slot(
+            tx,
             dir,
             f.slot,
             (slot & !0xffff_ffff) | u64::from(DIR_SLOT_DELETED),
         )?;
-        self.dir_write(dir, f.offset, tombstone.as_bytes())?;
+        self.dir_write(tx, dir, f.offset, tombstone.as_bytes())?;
         dir.dir_live = dir.dir_live.get().saturating_sub(1).into();
         dir.dir_tomb_bytes = (dir.dir_tomb_bytes.get() + u64::from(h.rec_len.get())).into();
         if dir.dir_live.get() == 0 {
             // Empty: give every block back; cookies of open streams point past the (new) end.
-            self.punch_blocks(dir, 0, u64::MAX)?;
+            self.punch_blocks(tx, dir, 0, u64::MAX)?;
             dir.dir_entries_end = 0.into();
             dir.dir_tomb_bytes = 0.into();
             dir.dir_hash_cap = 0.into();
@@ -279,13 +303,20 @@ impl Engine {
     }
 
     /// Points the existing entry `name` at another inode (rename over an existing target).
-    pub fn dir_replace(&self, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<u64> {
+    pub fn dir_replace(
+        &self,
+        tx: &Tx,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        kind: u8,
+    ) -> Result<u64> {
         let f = self.dir_find(dir, name)?.ok_or(Error::NotFound)?;
         let (h, _) = self
             .read_record(dir, f.offset)?
             .ok_or_else(|| Error::corrupt("entry vanished"))?;
         let header = DirentHeader::sealed(ino, u64::from(h.rec_len.get()), kind, name);
-        self.dir_write(dir, f.offset, header.as_bytes())?;
+        self.dir_write(tx, dir, f.offset, header.as_bytes())?;
         Ok(f.ino)
     }
 
@@ -296,7 +327,7 @@ impl Engine {
         from: u64,
         f: &mut dyn FnMut(DirEntry) -> Result<bool>,
     ) -> Result<()> {
-        let end = dir.dir_entries_end.get();
+        let end = dir.dir_entries_end.get().min(DIR_ENTRY_BLOCKS * BLOCK_SIZE);
         let mut off = from;
         while off < end {
             match self.read_record(dir, off)? {
@@ -333,18 +364,24 @@ impl Engine {
         dir.dir_hash_area = 0.into();
     }
 
-    /// Recovery: makes every block of the entry region parse. A damaged record is turned into a
+    /// Repair: makes every block of the entry region parse. A damaged record is turned into a
     /// deleted one reaching to the next plausible record of its block (or the block is ended
     /// there), so the records around it survive. Returns how many damaged spots were cut out.
-    pub(super) fn dir_salvage(&self, dir: &mut Inode) -> Result<u64> {
-        let end = dir.dir_entries_end.get().min(DIR_ENTRIES_MAX);
+    pub(super) fn dir_salvage(&self, tx: &Tx, dir: &mut Inode) -> Result<u64> {
+        let end = dir.dir_entries_end.get().min(DIR_ENTRY_BLOCKS * BLOCK_SIZE);
         let mut cut = 0;
         for block in 0..end.div_ceil(BLOCK_SIZE) {
             let base = block * BLOCK_SIZE;
-            let Some(bytes) = self.dir_bytes(dir, base, BLOCK_SIZE as usize)? else {
-                continue;
+            let bytes = match self.dir_bytes(dir, base, PAYLOAD_SIZE as usize) {
+                Ok(Some(b)) => b.to_vec(),
+                Ok(None) => continue,
+                Err(_) => {
+                    // A block of the wrong kind: drop it from the directory.
+                    self.punch_blocks(tx, dir, block, block + 1)?;
+                    cut += 1;
+                    continue;
+                }
             };
-            let bytes = bytes.to_vec();
             let header_at = |p: u64| {
                 DirentHeader::read_from_bytes(&bytes[p as usize..(p + DIRENT_HEADER_SIZE) as usize])
                     .ok()
@@ -360,7 +397,7 @@ impl Engine {
                 })
             };
             let mut p = 0u64;
-            while p + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+            while p + DIRENT_HEADER_SIZE <= PAYLOAD_SIZE {
                 let Some(h) = header_at(p) else { break };
                 if h.rec_len.get() == 0 {
                     break;
@@ -373,13 +410,13 @@ impl Engine {
                 // Next 8-aligned offset holding a plausible record, far enough to leave room
                 // for a deleted record (header and a one-byte name).
                 let mut q = p + dirent_rec_len(1);
-                while q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+                while q + DIRENT_HEADER_SIZE <= PAYLOAD_SIZE {
                     if valid_at(q) {
                         break;
                     }
                     q += 8;
                 }
-                let filler = if q + DIRENT_HEADER_SIZE <= BLOCK_SIZE {
+                let filler = if q + DIRENT_HEADER_SIZE <= PAYLOAD_SIZE {
                     // A deleted record over the damage; its one-byte "name" is what lies there.
                     let name_at = (p + DIRENT_HEADER_SIZE) as usize;
                     DirentHeader::sealed(0, q - p, 0, &bytes[name_at..name_at + 1])
@@ -392,7 +429,7 @@ impl Engine {
                         kind: 0,
                     }
                 };
-                self.dir_write(dir, base + p, filler.as_bytes())?;
+                self.dir_write(tx, dir, base + p, filler.as_bytes())?;
                 if filler.rec_len.get() == 0 {
                     break;
                 }
@@ -402,8 +439,8 @@ impl Engine {
         Ok(cut)
     }
 
-    /// Rebuilds a directory's index from its entry records (recovery).
-    pub(super) fn dir_reindex(&self, dir: &mut Inode) -> Result<()> {
+    /// Rebuilds a directory's index from its entry records (repair).
+    pub(super) fn dir_reindex(&self, tx: &Tx, dir: &mut Inode) -> Result<()> {
         let mut live = 0u64;
         self.dir_for_each(dir, 0, &mut |_| {
             live += 1;
@@ -411,7 +448,7 @@ impl Engine {
         })?;
         dir.dir_live = live.into();
         if live == 0 {
-            self.punch_blocks(dir, 0, u64::MAX)?;
+            self.punch_blocks(tx, dir, 0, u64::MAX)?;
             let parent = dir.parent.get();
             self.dir_init(dir, parent);
             return Ok(());
@@ -420,6 +457,6 @@ impl Engine {
         while live * 2 > cap {
             cap *= 2;
         }
-        self.rebuild_index(dir, cap)
+        self.rebuild_index(tx, dir, cap)
     }
 }

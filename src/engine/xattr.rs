@@ -1,9 +1,12 @@
-//! Extended attributes: all of an inode's attributes packed in one block
-//! (`XattrBlockHeader`, then entries `XattrEntryHeader` + name + value). Callers hold the
+//! Extended attributes: all of an inode's attributes packed in one metadata block (kind
+//! `Xattr`): `XattrBlockHeader`, then entries `XattrEntryHeader` + name + value. A change
+//! rewrites the block (a new one unless the running transaction wrote it). Callers hold the
 //! inode's write lock for changes and write the inode back.
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use super::pager::Blocks;
+use super::txn::Tx;
 use super::{Engine, block_off};
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -25,22 +28,23 @@ impl Engine {
             return Ok(Vec::new());
         }
         self.check_block(b, "xattr block")?;
-        let bytes = self.img.bytes(block_off(b), BLOCK_SIZE as usize)?;
+        self.expect_kind(b, BlockKind::Xattr, None)?;
+        let bytes = self.img.bytes(block_off(b), PAYLOAD_SIZE as usize)?;
         let h = XattrBlockHeader::read_from_bytes(&bytes[..XATTR_HEADER_SIZE])
             .map_err(|_| Error::corrupt("xattr header"))?;
         let used = h.used.get() as usize;
-        if h.magic.get() != XATTR_MAGIC || used > BLOCK_SIZE as usize - XATTR_HEADER_SIZE {
-            return Err(Error::corrupt(format!("xattr block {b} header")));
+        if h.magic.get() != XATTR_MAGIC || used > XATTR_CAPACITY {
+            return Err(self.corrupt(format!("xattr block {b} header")));
         }
         let body = &bytes[XATTR_HEADER_SIZE..XATTR_HEADER_SIZE + used];
         if crc32c::crc32c(body) != h.checksum.get() {
-            return Err(Error::corrupt(format!("xattr block {b} checksum mismatch")));
+            return Err(self.corrupt(format!("xattr block {b} checksum mismatch")));
         }
         let mut out = Vec::new();
         let mut p = 0;
         while p < body.len() {
             if p + XATTR_ENTRY_HEADER_SIZE > body.len() {
-                return Err(Error::corrupt(format!("xattr block {b} truncated entry")));
+                return Err(self.corrupt(format!("xattr block {b} truncated entry")));
             }
             let e = XattrEntryHeader::read_from_bytes(&body[p..p + XATTR_ENTRY_HEADER_SIZE])
                 .map_err(|_| Error::corrupt("xattr entry"))?;
@@ -48,7 +52,7 @@ impl Engine {
             let v = usize::from(e.value_len.get());
             let start = p + XATTR_ENTRY_HEADER_SIZE;
             if n == 0 || start + n + v > body.len() {
-                return Err(Error::corrupt(format!("xattr block {b} entry bounds")));
+                return Err(self.corrupt(format!("xattr block {b} entry bounds")));
             }
             out.push((
                 body[start..start + n].to_vec(),
@@ -59,7 +63,7 @@ impl Engine {
         Ok(out)
     }
 
-    fn xattr_store(&self, rec: &mut Inode, attrs: &Attrs) -> Result<()> {
+    fn xattr_store(&self, tx: &Tx, rec: &mut Inode, attrs: &Attrs) -> Result<()> {
         let mut body = Vec::new();
         for (n, v) in attrs {
             let h = XattrEntryHeader {
@@ -71,37 +75,38 @@ impl Engine {
             body.extend_from_slice(n);
             body.extend_from_slice(v);
         }
-        if body.len() > BLOCK_SIZE as usize - XATTR_HEADER_SIZE {
+        if body.len() > XATTR_CAPACITY {
             return Err(Error::NoSpace);
         }
+        let mut b = tx.blocks();
         let old = rec.xattr_block.get();
         if attrs.is_empty() {
             if old != 0 {
-                self.free_run(old, 1)?;
+                b.free(old, 1)?;
                 rec.xattr_block = 0.into();
                 rec.blocks = rec.blocks.get().saturating_sub(1).into();
             }
             return Ok(());
         }
-        let b = if old == 0 {
-            let (b, _) = self.alloc_run(0, 1)?;
-            rec.xattr_block = b.into();
+        let block = if old == 0 {
+            let block = self.new_block(&mut b, 0, BlockKind::Xattr, 0)?;
             rec.blocks = (rec.blocks.get() + 1).into();
-            b
+            block
         } else {
-            old
+            self.check_block(old, "xattr block")?;
+            self.cow(&mut b, old, BlockKind::Xattr)?
         };
+        rec.xattr_block = block.into();
         let h = XattrBlockHeader {
             magic: XATTR_MAGIC.into(),
             used: (body.len() as u32).into(),
             checksum: crc32c::crc32c(&body).into(),
             reserved: 0.into(),
         };
-        let mut block = vec![0u8; BLOCK_SIZE as usize];
-        block[..XATTR_HEADER_SIZE].copy_from_slice(h.as_bytes());
-        block[XATTR_HEADER_SIZE..][..body.len()].copy_from_slice(&body);
-        self.img.write(block_off(b), &block)?;
-        self.mark_meta(b);
+        let mut payload = vec![0u8; PAYLOAD_SIZE as usize];
+        payload[..XATTR_HEADER_SIZE].copy_from_slice(h.as_bytes());
+        payload[XATTR_HEADER_SIZE..][..body.len()].copy_from_slice(&body);
+        self.img.write(block_off(block), &payload)?;
         Ok(())
     }
 
@@ -119,6 +124,7 @@ impl Engine {
 
     pub fn xattr_set(
         &self,
+        tx: &Tx,
         rec: &mut Inode,
         name: &[u8],
         value: &[u8],
@@ -127,9 +133,7 @@ impl Engine {
         if name.is_empty() || name.len() > 255 {
             return Err(Error::Range);
         }
-        if value.len()
-            > BLOCK_SIZE as usize - XATTR_HEADER_SIZE - XATTR_ENTRY_HEADER_SIZE - name.len()
-        {
+        if value.len() > XATTR_CAPACITY - XATTR_ENTRY_HEADER_SIZE - name.len() {
             return Err(Error::ArgTooBig);
         }
         let mut attrs = self.xattr_load(rec)?;
@@ -140,17 +144,17 @@ impl Engine {
             (Some(i), _) => attrs[i].1 = value.to_vec(),
             (None, _) => attrs.push((name.to_vec(), value.to_vec())),
         }
-        self.xattr_store(rec, &attrs)
+        self.xattr_store(tx, rec, &attrs)
     }
 
-    pub fn xattr_remove(&self, rec: &mut Inode, name: &[u8]) -> Result<()> {
+    pub fn xattr_remove(&self, tx: &Tx, rec: &mut Inode, name: &[u8]) -> Result<()> {
         let mut attrs = self.xattr_load(rec)?;
         let pos = attrs
             .iter()
             .position(|(n, _)| n == name)
             .ok_or(Error::NoAttr)?;
         attrs.remove(pos);
-        self.xattr_store(rec, &attrs)
+        self.xattr_store(tx, rec, &attrs)
     }
 
     /// The xattr block of an inode, validated (fsck).

@@ -1,26 +1,35 @@
-//! The mapping of the image file: the ONLY module with `unsafe`.
+//! The mapping of the image file: the ONLY module with `unsafe` (its `sim` submodule has none).
 //!
 //! Invariants:
 //! - The whole address range `[base, base + reserved)` is reserved once, at open, as one
 //!   `MAP_SHARED` mapping of the image file. It never moves and is unmapped only on drop, so a
 //!   reference into it stays valid for as long as the [`Image`] lives.
-//! - `len` (the file's size) only grows, and only after the host file has been extended with
-//!   `posix_fallocate`, so every byte below `len` is backed by allocated host storage: touching
-//!   it cannot raise `SIGBUS` for lack of space. Accessors check bounds against `len`.
+//! - `len` (the file's size) only grows while mapped, and only after the host file has been
+//!   extended with `posix_fallocate`, so every byte below `len` is backed by allocated host
+//!   storage: touching it cannot raise `SIGBUS` for lack of space. Accessors check bounds.
 //! - Growth never remaps: the pages past the old end of file simply become valid once the file is
 //!   longer. Readers therefore need no lock against growth.
 //! - Writers to the same bytes are serialised by the layers above (inode locks, the allocator
-//!   lock); this module only guarantees memory safety of the mapping itself. 8-byte slots that are
-//!   read without such a lock (tree pointers) go through [`Image::load_u64`]/[`Image::store_u64`].
+//!   and inode-table locks, copy-on-write); this module only guarantees memory safety of the
+//!   mapping itself. 8-byte slots read without such a lock (tree pointers) go through
+//!   [`Image::load_u64`]/[`Image::store_u64`].
+//!
+//! Durability primitives: [`Image::write_back`] starts and waits for the write-back of a range
+//! without a device flush; [`Image::flush`] writes a range back and then flushes the device
+//! cache, which makes everything written back before it durable too (one flush for many ranges).
+//! With a crash simulator ([`sim::CrashSim`]) attached, these record what would be durable
+//! instead of calling the kernel.
 //!
 //! Another process truncating the image file under a live mount could still cause `SIGBUS`; the
 //! exclusive `flock` taken at open keeps other mmapfs instances away, and the docs tell users not
 //! to modify a mounted image.
 
+pub mod sim;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -30,19 +39,14 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Largest address range reserved for one image; the first that the kernel grants is used.
 const RESERVE_CANDIDATES: [usize; 4] = [1 << 44, 1 << 42, 1 << 40, 1 << 38];
 
-/// Environment variable naming a "power-loss shadow" file (a test hook): every range flushed by
-/// [`Image::sync_range`] is also copied there, so at any moment the shadow holds exactly what a
-/// power loss could be guaranteed to leave on disk: the bytes that were msync'd.
-pub const SHADOW_ENV: &str = "MMAPFS_POWERLOSS_SHADOW";
-
 /// A memory-mapped image file whose base address never moves.
 pub struct Image {
     file: File,
-    shadow: Option<Mutex<File>>,
     base: *mut u8,
     reserved: usize,
     len: AtomicUsize,
     grow_lock: Mutex<()>,
+    sim: Option<sim::CrashSim>,
 }
 
 // SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the callers
@@ -96,20 +100,27 @@ impl Image {
                 last_err = io::Error::last_os_error();
                 continue;
             }
-            let shadow = match std::env::var_os(SHADOW_ENV) {
-                Some(path) => Some(Mutex::new(shadow_file(&path, &file)?)),
-                None => None,
-            };
             return Ok(Image {
                 file,
-                shadow,
                 base: ptr.cast::<u8>(),
                 reserved,
                 len: AtomicUsize::new(len),
                 grow_lock: Mutex::new(()),
+                sim: None,
             });
         }
         Err(last_err)
+    }
+
+    /// Attaches a crash simulator: from now on flushes are recorded by it instead of reaching
+    /// the kernel (tests, and the `MMAPFS_CRASH_SIM` hook of the daemon).
+    pub fn attach_sim(&mut self, sim: sim::CrashSim) {
+        self.sim = Some(sim);
+    }
+
+    /// The crash simulator, if one is attached.
+    pub fn sim(&self) -> Option<&sim::CrashSim> {
+        self.sim.as_ref()
     }
 
     /// Current length of the image in bytes.
@@ -195,20 +206,6 @@ impl Image {
         Ok(())
     }
 
-    /// Atomically replaces a little-endian u64 slot with `f(old)`; returns the new value.
-    pub fn update_u64(&self, off: u64, mut f: impl FnMut(u64) -> u64) -> io::Result<u64> {
-        let slot = self.atomic_u64(off)?;
-        let mut cur = slot.load(Ordering::Acquire);
-        loop {
-            let new = f(u64::from_le(cur));
-            match slot.compare_exchange_weak(cur, new.to_le(), Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(new),
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
     /// Grows the image file to `new_len` bytes: host space is allocated first, so a full disk is
     /// an `ENOSPC` error here instead of a `SIGBUS` later.
     pub fn grow(&self, new_len: u64) -> io::Result<()> {
@@ -240,43 +237,35 @@ impl Image {
         (end > start).then_some((start, end))
     }
 
-    /// Writes back `[off, off+len)` (widened to whole pages) and waits for it (`MS_SYNC`).
-    pub fn sync_range(&self, off: u64, len: u64) -> io::Result<()> {
+    /// Starts writing the pages of `[off, off+len)` back to the host file without waiting, so
+    /// several ranges are in flight together; [`Image::write_back`] then waits for them.
+    pub fn start_write_back(&self, off: u64, len: u64) -> io::Result<()> {
         let Some((start, end)) = self.page_range(off, len) else {
             return Ok(());
         };
-        // SAFETY: the range lies within the reservation; msync does not touch memory contents.
-        let rc = unsafe {
-            libc::msync(
-                self.base.add(start as usize).cast(),
-                (end - start) as usize,
-                libc::MS_SYNC,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
+        if self.sim.is_some() {
+            return Ok(());
         }
-        self.copy_to_shadow(start, end)
+        self.sync_file_range(start, end, libc::SYNC_FILE_RANGE_WRITE)
     }
 
-    /// Writes `[off, off+len)` back to the host file and waits for it, without the journal commit
-    /// and device cache flush of an msync: a later [`Image::sync_range`] makes it durable with
-    /// one flush for several ranges.
-    pub fn write_back_range(&self, off: u64, len: u64) -> io::Result<()> {
+    /// Writes the pages of `[off, off+len)` back to the host file and waits for the writes,
+    /// without flushing the device cache: a later [`Image::flush`] makes them durable.
+    pub fn write_back(&self, off: u64, len: u64) -> io::Result<()> {
+        let Some((start, end)) = self.page_range(off, len) else {
+            return Ok(());
+        };
+        if let Some(sim) = &self.sim {
+            sim.write_back(self, start, end);
+            return Ok(());
+        }
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        if let Some((start, end)) = self.sync_file_range(off, len, flags)? {
-            self.copy_to_shadow(start, end)?;
-        }
-        Ok(())
+        self.sync_file_range(start, end, flags)
     }
 
-    /// `sync_file_range(2)` over the pages of `[off, off+len)`; returns the page range used.
-    fn sync_file_range(&self, off: u64, len: u64, flags: u32) -> io::Result<Option<(u64, u64)>> {
-        let Some((start, end)) = self.page_range(off, len) else {
-            return Ok(None);
-        };
+    fn sync_file_range(&self, start: u64, end: u64, flags: u32) -> io::Result<()> {
         // SAFETY: plain syscall on our own descriptor; it reads no memory of ours.
         let rc = unsafe {
             libc::sync_file_range(
@@ -289,29 +278,40 @@ impl Image {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Some((start, end)))
+        Ok(())
     }
 
-    /// Starts writing `[off, off+len)` back to the host file without waiting (so several ranges
-    /// are in flight together).
-    pub fn start_write_back(&self, off: u64, len: u64) -> io::Result<()> {
-        self.sync_file_range(off, len, libc::SYNC_FILE_RANGE_WRITE)
-            .map(|_| ())
-    }
-
-    fn copy_to_shadow(&self, start: u64, end: u64) -> io::Result<()> {
-        if let Some(shadow) = &self.shadow {
-            use std::os::unix::fs::FileExt;
-            let shadow = shadow.lock();
-            shadow.set_len(self.len().max(shadow.metadata()?.len()))?;
-            shadow.write_all_at(self.bytes(start, (end - start) as usize)?, start)?;
+    /// Writes back `[off, off+len)` (widened to whole pages), waits, and flushes the device
+    /// cache (`msync(MS_SYNC)`): the range, everything written back before, and the file's size
+    /// are durable when this returns.
+    pub fn flush(&self, off: u64, len: u64) -> io::Result<()> {
+        // An empty range still flushes the device: use the first page.
+        let (start, end) = self.page_range(off, len).unwrap_or((0, PAGE_SIZE));
+        if let Some(sim) = &self.sim {
+            sim.flush(self, start, end);
+            return Ok(());
+        }
+        // SAFETY: the range lies within the reservation; msync does not touch memory contents.
+        let rc = unsafe {
+            libc::msync(
+                self.base.add(start as usize).cast(),
+                (end - start) as usize,
+                libc::MS_SYNC,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// Writes back the whole image and the file's metadata (size).
+    /// Writes back the whole image and the file's metadata (size), and flushes.
     pub fn sync_all(&self) -> io::Result<()> {
-        self.sync_range(0, self.len())?;
+        if let Some(sim) = &self.sim {
+            sim.flush(self, 0, self.len());
+            return Ok(());
+        }
+        self.flush(0, self.len())?;
         self.file.sync_all()
     }
 
@@ -329,20 +329,6 @@ impl Drop for Image {
     }
 }
 
-/// Opens the shadow file, starting it as a copy of the image (what was on disk at open).
-fn shadow_file(path: &std::ffi::OsStr, image: &File) -> io::Result<File> {
-    let mut shadow = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    let mut src = image.try_clone()?;
-    io::Seek::seek(&mut src, io::SeekFrom::Start(0))?;
-    io::copy(&mut src, &mut shadow)?;
-    Ok(shadow)
-}
-
 /// Takes an exclusive, non-blocking `flock` on the image file. Returns `Ok(false)` when another
 /// process holds it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
@@ -356,6 +342,77 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
         Ok(false)
     } else {
         Err(err)
+    }
+}
+
+/// Per-inode counters that live only while mounted (the kernel's references, the transactions
+/// that last changed an inode): a zero-filled anonymous mapping indexed by inode number, so the
+/// daemon's memory grows only with the inodes actually touched, never with the image.
+pub struct VolatileTable {
+    base: *mut AtomicU32,
+    entries: u64,
+    bytes: usize,
+}
+
+/// Counters per entry of a [`VolatileTable`].
+pub const VOLATILE_FIELDS: u64 = 4;
+
+// SAFETY: the table is only accessed through atomics.
+unsafe impl Send for VolatileTable {}
+// SAFETY: as above.
+unsafe impl Sync for VolatileTable {}
+
+impl VolatileTable {
+    /// Reserves room for as many entries as the address space allows, up to 2^32.
+    pub fn new() -> io::Result<VolatileTable> {
+        let mut last_err = io::Error::other("no address range for the inode table");
+        for shift in [32u32, 30, 28, 26, 24] {
+            let entries = 1u64 << shift;
+            let bytes = (entries * VOLATILE_FIELDS * 4) as usize;
+            // SAFETY: a fresh private anonymous mapping; pages are zero-filled on first touch.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                last_err = io::Error::last_os_error();
+                continue;
+            }
+            return Ok(VolatileTable {
+                base: ptr.cast(),
+                entries,
+                bytes,
+            });
+        }
+        Err(last_err)
+    }
+
+    /// Number of entries (inode numbers `0..entries` have counters).
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The counter `field` of entry `idx`, or `None` past the table.
+    pub fn get(&self, idx: u64, field: u64) -> Option<&AtomicU32> {
+        if idx >= self.entries || field >= VOLATILE_FIELDS {
+            return None;
+        }
+        // SAFETY: in bounds of the mapping, which lives as long as `self`; AtomicU32 is valid
+        // for any bit pattern and the mapping is 4-byte aligned.
+        Some(unsafe { &*self.base.add((idx * VOLATILE_FIELDS + field) as usize) })
+    }
+}
+
+impl Drop for VolatileTable {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping created in `new`; no borrow outlives `self`.
+        unsafe { libc::munmap(self.base.cast(), self.bytes) };
     }
 }
 
@@ -378,6 +435,18 @@ mod tests {
         img.store_u64(16, 0xdead_beef).unwrap();
         assert_eq!(img.load_u64(16).unwrap(), 0xdead_beef);
         assert!(img.load_u64(17).is_err());
-        img.sync_range(0, 4 * PAGE_SIZE).unwrap();
+        img.write_back(0, PAGE_SIZE).unwrap();
+        img.flush(0, 4 * PAGE_SIZE).unwrap();
+    }
+
+    #[test]
+    fn volatile_table_counts_and_bounds() {
+        let t = VolatileTable::new().unwrap();
+        let c = t.get(123_456, 0).unwrap();
+        assert_eq!(c.load(Ordering::Relaxed), 0);
+        c.fetch_add(3, Ordering::Relaxed);
+        assert_eq!(t.get(123_456, 0).unwrap().load(Ordering::Relaxed), 3);
+        assert!(t.get(t.entries(), 0).is_none());
+        assert!(t.get(0, VOLATILE_FIELDS).is_none());
     }
 }

@@ -1,0 +1,549 @@
+//! Creating and opening images, and recovery (see "Recovery" in `docs/design/transactions.md`).
+//!
+//! Opening reads both superblock slots with `pread` before mapping anything, takes the newest
+//! valid one, and trusts it only if every block its commit list names holds the listed CRC;
+//! otherwise the other slot, which is complete, is the state. Then the file's length is matched
+//! to the state, and a state that was not cleanly unmounted has its orphans freed. None of this
+//! depends on the number of files or the size of the image.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+use super::alloc::Space;
+use super::inode::ItabState;
+use super::txn::{LIST_DATA_FLAG, TxnManager};
+use super::{Engine, LOCK_STRIPES, block_off, now, set_all_times_now};
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::image::{self, Image, VolatileTable};
+
+/// Why an image could not be opened: each variant is one clear line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{0}: not an mmapfs image (bad magic)")]
+    BadMagic(String),
+    #[error(
+        "{0}: image format version 1; convert it with `mmapfs upgrade {0}` (this build reads version {FORMAT_VERSION})"
+    )]
+    NeedsUpgrade(String),
+    #[error("{0}: unsupported format version {1} (this build reads version {FORMAT_VERSION})")]
+    BadVersion(String, u32),
+    #[error("{0}: the image uses features this build does not know (incompatible flags {1:#x})")]
+    Features(String, u32),
+    #[error("{0}: image is corrupted: {1}")]
+    Corrupt(String, String),
+    #[error("{0}: image is already in use (mounted by another process)")]
+    Busy(String),
+}
+
+/// How `open` treats the image.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OpenMode {
+    /// Mount: lock exclusively, recover, allow changes.
+    Mount,
+    /// Read-only inspection (fsck, info): lock exclusively, change nothing.
+    Inspect,
+}
+
+/// What opening found and did.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// Slot and transaction of the state in use.
+    pub slot: u64,
+    pub txn: u64,
+    /// The superblock state of that state (clean, mounted, errors).
+    pub state: u32,
+    /// Why the newest superblock was not used, if it was not.
+    pub rolled_back: Option<String>,
+    /// A problem with the other slot worth telling (damaged, unreadable).
+    pub other_slot: Option<String>,
+    /// Orphans freed at mount (or, for inspection, waiting to be freed).
+    pub orphans: u64,
+    /// The file's length was changed to match the state: (old, new) in bytes.
+    pub resized: Option<(u64, u64)>,
+}
+
+impl Recovery {
+    /// Whether the state needs the recovery a mount performs (it was not cleanly unmounted,
+    /// or the newest commit was incomplete).
+    pub fn needed(&self) -> bool {
+        self.state != STATE_CLEAN || self.rolled_back.is_some()
+    }
+}
+
+/// How long `open` waits for the image lock: `fusermount3 -u` returns before the daemon has
+/// flushed and exited, so a remount right after an unmount must wait for it briefly.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn lock_with_grace(file: &File) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        if image::try_lock_exclusive(file)? {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A superblock slot as read: valid, or why not.
+enum Slot {
+    Valid(Box<Superblock>),
+    Invalid(SlotProblem),
+}
+
+enum SlotProblem {
+    Unreadable,
+    BadMagic,
+    Version(u32),
+    Features(u32),
+    Damaged(String),
+}
+
+fn read_slot(file: &File, slot: u64) -> Slot {
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    if file.read_exact_at(&mut buf, block_off(slot)).is_err() {
+        return Slot::Invalid(SlotProblem::Unreadable);
+    }
+    let Ok(sb) = Superblock::read_from_bytes(&buf) else {
+        return Slot::Invalid(SlotProblem::Unreadable);
+    };
+    if sb.magic != MAGIC {
+        return Slot::Invalid(SlotProblem::BadMagic);
+    }
+    if sb.version.get() != FORMAT_VERSION {
+        return Slot::Invalid(SlotProblem::Version(sb.version.get()));
+    }
+    if !sb.checksum_ok() {
+        return Slot::Invalid(SlotProblem::Damaged("checksum mismatch".into()));
+    }
+    if sb.incompat.get() & !INCOMPAT_SUPPORTED != 0 {
+        return Slot::Invalid(SlotProblem::Features(sb.incompat.get()));
+    }
+    match sanity(&sb) {
+        Ok(()) => Slot::Valid(Box::new(sb)),
+        Err(what) => Slot::Invalid(SlotProblem::Damaged(what)),
+    }
+}
+
+/// Checks a checksummed superblock's fields against each other.
+fn sanity(sb: &Superblock) -> std::result::Result<(), String> {
+    if u64::from(sb.block_size.get()) != BLOCK_SIZE {
+        return Err(format!("block size {} unsupported", sb.block_size));
+    }
+    let total = sb.total_blocks.get();
+    if !(8..MAX_BLOCKS).contains(&total) {
+        return Err(format!("total blocks {total} out of range"));
+    }
+    if sb.free_blocks.get() > total {
+        return Err(format!("free block count {} > total {total}", sb.free_blocks));
+    }
+    for (what, packed) in [("inode table", sb.itab_tree.get()), ("space map", sb.space_tree.get())] {
+        let (root, height) = unpack_tree(packed);
+        if root < 2 || root >= total || height == 0 || height > TREE_MAX_HEIGHT {
+            return Err(format!("{what} root {root} height {height} invalid"));
+        }
+    }
+    let slots = sb.itab_slots.get();
+    if slots < INODES_PER_BLOCK || slots % INODES_PER_BLOCK != 0 || slots / INODES_PER_BLOCK > total
+    {
+        return Err(format!("inode table size {slots} invalid"));
+    }
+    if sb.list_len.get() as usize > COMMIT_LIST_MAX {
+        return Err(format!("commit list length {}", sb.list_len));
+    }
+    Ok(())
+}
+
+/// How a commit's list compares with the blocks on disk.
+enum Verdict {
+    Complete,
+    /// Only data blocks differ: they may have been overwritten in place after a newer commit.
+    DataDiffers(u64),
+    /// A metadata block differs: the commit did not reach the disk whole.
+    Torn(u64),
+}
+
+fn verify_list(file: &File, sb: &Superblock) -> Verdict {
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut data_differs = None;
+    let mut entries: Vec<&ListEntry> = sb.listed().iter().collect();
+    entries.sort_by_key(|e| e.block.get() & !LIST_DATA_FLAG);
+    for e in entries {
+        let raw = e.block.get();
+        let block = raw & !LIST_DATA_FLAG;
+        let ok = block < MAX_BLOCKS
+            && file.read_exact_at(&mut buf, block_off(block)).is_ok()
+            && crc32c::crc32c(&buf) == e.crc.get();
+        if !ok {
+            if raw & LIST_DATA_FLAG == 0 {
+                return Verdict::Torn(block);
+            }
+            data_differs.get_or_insert(block);
+        }
+    }
+    match data_differs {
+        Some(b) => Verdict::DataDiffers(b),
+        None => Verdict::Complete,
+    }
+}
+
+/// The state to use and what choosing it found.
+struct Choice {
+    sb: Superblock,
+    slot: u64,
+    /// Highest transaction number seen in either slot.
+    max_txn: u64,
+    rolled_back: Option<String>,
+    other_slot: Option<String>,
+}
+
+fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> {
+    let slots = [read_slot(file, 0), read_slot(file, 1)];
+    let valid: Vec<(u64, &Superblock)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Slot::Valid(sb) => Some((i as u64, sb.as_ref())),
+            Slot::Invalid(_) => None,
+        })
+        .collect();
+    if valid.is_empty() {
+        // Name the most telling problem.
+        for s in &slots {
+            match s {
+                Slot::Invalid(SlotProblem::Version(1)) => {
+                    return Err(OpenError::NeedsUpgrade(p.into()));
+                }
+                Slot::Invalid(SlotProblem::Version(v)) => {
+                    return Err(OpenError::BadVersion(p.into(), *v));
+                }
+                Slot::Invalid(SlotProblem::Features(f)) => {
+                    return Err(OpenError::Features(p.into(), *f));
+                }
+                _ => {}
+            }
+        }
+        let damaged: Vec<String> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Invalid(SlotProblem::Damaged(w)) => Some(format!("superblock {i}: {w}")),
+                _ => None,
+            })
+            .collect();
+        if damaged.is_empty() {
+            return Err(OpenError::BadMagic(p.into()));
+        }
+        return Err(OpenError::Corrupt(p.into(), damaged.join("; ")));
+    }
+    let max_txn = valid.iter().map(|(_, sb)| sb.txn.get()).max().unwrap_or(0);
+    let mut order = valid.clone();
+    order.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.txn.get()));
+    let describe = |i: usize| match &slots[i] {
+        Slot::Valid(_) => None,
+        Slot::Invalid(SlotProblem::Unreadable) => Some(format!("superblock {i} is unreadable")),
+        Slot::Invalid(SlotProblem::BadMagic) => Some(format!("superblock {i} is not one")),
+        Slot::Invalid(SlotProblem::Version(v)) => {
+            Some(format!("superblock {i} has format version {v}"))
+        }
+        Slot::Invalid(SlotProblem::Features(f)) => {
+            Some(format!("superblock {i} has unknown features {f:#x}"))
+        }
+        Slot::Invalid(SlotProblem::Damaged(w)) => Some(format!("superblock {i} is damaged: {w}")),
+    };
+    let (newest_slot, newest) = order[0];
+    let other_slot = describe(1 - newest_slot as usize);
+    match verify_list(file, newest) {
+        Verdict::Complete => Ok(Choice {
+            sb: newest.clone(),
+            slot: newest_slot,
+            max_txn,
+            rolled_back: None,
+            other_slot,
+        }),
+        verdict => match order.get(1) {
+            Some(&(older_slot, older)) => {
+                let block = match verdict {
+                    Verdict::Torn(b) | Verdict::DataDiffers(b) => b,
+                    Verdict::Complete => 0,
+                };
+                Ok(Choice {
+                    sb: older.clone(),
+                    slot: older_slot,
+                    max_txn,
+                    rolled_back: Some(format!(
+                        "the newest commit (transaction {}) did not reach the disk whole \
+                         (block {block}); using transaction {}",
+                        newest.txn,
+                        older.txn
+                    )),
+                    other_slot: None,
+                })
+            }
+            // The other slot is gone. If only data blocks differ, this state was complete and
+            // superseded (a newer slot was damaged later); metadata cannot have changed.
+            None => match verdict {
+                Verdict::DataDiffers(_) => Ok(Choice {
+                    sb: newest.clone(),
+                    slot: newest_slot,
+                    max_txn,
+                    rolled_back: None,
+                    other_slot,
+                }),
+                _ => Err(OpenError::Corrupt(
+                    p.into(),
+                    format!(
+                        "the newest commit (transaction {}) is incomplete and {}",
+                        newest.txn,
+                        other_slot.unwrap_or_else(|| "the other superblock is unusable".into())
+                    ),
+                )),
+            },
+        },
+    }
+}
+
+impl Engine {
+    /// Formats `path` as a new image of `size` bytes.
+    pub fn mkfs(path: &Path, size: u64, force: bool) -> std::result::Result<(), OpenError> {
+        let p = path.display().to_string();
+        let io_err = |source| OpenError::Io {
+            path: p.clone(),
+            source,
+        };
+        if let Ok(md) = std::fs::metadata(path)
+            && md.len() > 0
+            && !force
+        {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not empty (use --force to overwrite)",
+            )));
+        }
+        let size = size / BLOCK_SIZE * BLOCK_SIZE;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        if !image::try_lock_exclusive(&file).map_err(io_err)? {
+            return Err(OpenError::Busy(p));
+        }
+        file.set_len(0).map_err(io_err)?;
+        let img = Image::map(file).map_err(io_err)?;
+        img.grow(size).map_err(io_err)?;
+        format(&img, size).map_err(|e| io_err(io::Error::other(e.to_string())))?;
+        img.sync_all().map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Opens an image file, validating its superblocks before mapping it.
+    pub fn open(path: &Path, mode: OpenMode) -> std::result::Result<Engine, OpenError> {
+        let p = path.display().to_string();
+        let io_err = |source| OpenError::Io {
+            path: p.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err)?;
+        if !file.metadata().map_err(io_err)?.is_file() {
+            return Err(io_err(io::Error::other("not a regular file")));
+        }
+        if !lock_with_grace(&file).map_err(io_err)? {
+            return Err(OpenError::Busy(p));
+        }
+        if mode == OpenMode::Mount {
+            // What the page cache holds after a killed daemon reaches the disk before anything
+            // is built on it (and a write-back error nobody saw yet surfaces here).
+            file.sync_data().map_err(io_err)?;
+        }
+        let choice = choose_state(&file, &p)?;
+        let sb = choice.sb.clone();
+        let want_len = sb.total_blocks.get() * BLOCK_SIZE;
+        let len = file.metadata().map_err(io_err)?.len();
+        let mut resized = None;
+        if mode == OpenMode::Mount && len > want_len {
+            // A growth the state does not know about (not committed): nothing lives there.
+            file.set_len(want_len).map_err(io_err)?;
+            resized = Some((len, want_len));
+        }
+        let map_len = want_len.min(len) / BLOCK_SIZE * BLOCK_SIZE;
+        let img = Image::map_prefix(file, map_len).map_err(io_err)?;
+        if mode == OpenMode::Mount && map_len < want_len {
+            // A committed growth whose new file length had not reached the disk: the space
+            // was free, so zeros are right.
+            img.grow(want_len).map_err(io_err)?;
+            resized = Some((len, want_len));
+        }
+        if let Some((from, to)) = resized {
+            log::warn!("{p}: file length {from} did not match the image ({to}); adjusted");
+        }
+        let vol = VolatileTable::new().map_err(io_err)?;
+        let next_txn = choice.max_txn + 1;
+        let engine = Engine {
+            hash_seed: sb.hash_seed.get(),
+            mode,
+            itab_tree: AtomicU64::new(sb.itab_tree.get()),
+            itab_slots: AtomicU64::new(sb.itab_slots.get()),
+            itab: Mutex::new(ItabState::new(&sb)),
+            space: Mutex::new(Space::new(&sb)),
+            txm: TxnManager::new(sb.txn.get(), choice.slot, next_txn),
+            misc: Mutex::new(sb.clone()),
+            misc_dirty: Mutex::new(false),
+            img,
+            stripes: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            vol,
+            dirty_data: Mutex::new(Default::default()),
+            errors: AtomicBool::new(false),
+            recovery: Recovery {
+                slot: choice.slot,
+                txn: sb.txn.get(),
+                state: sb.state.get(),
+                rolled_back: choice.rolled_back,
+                other_slot: choice.other_slot,
+                orphans: 0,
+                resized,
+            },
+        };
+        engine.after_open(&p)
+    }
+
+    fn after_open(mut self, p: &str) -> std::result::Result<Engine, OpenError> {
+        let corrupt = |e: Error| OpenError::Corrupt(p.to_string(), e.to_string());
+        // The root must be readable, or nothing is.
+        let root = self.read_inode(ROOT_INO).map_err(corrupt)?;
+        if !root.is_dir() {
+            return Err(corrupt(Error::corrupt("root inode is not a directory")));
+        }
+        let orphans = self.orphans().map_err(corrupt)?;
+        self.recovery.orphans = orphans.len() as u64;
+        if let Some(why) = &self.recovery.rolled_back {
+            log::warn!("{p}: {why}");
+        }
+        if let Some(why) = &self.recovery.other_slot {
+            log::warn!("{p}: {why}");
+        }
+        if self.mode != OpenMode::Mount {
+            return Ok(self);
+        }
+        {
+            let mut misc = self.misc.lock();
+            misc.mount_count = (misc.mount_count.get() + 1).into();
+            misc.last_mount_sec = now().0.into();
+        }
+        *self.misc_dirty.lock() = true;
+        self.txm.initial_commit.store(true, Ordering::Release);
+        if self.recovery.state == STATE_ERRORS {
+            log::warn!("{p}: the image was marked as damaged; run `mmapfs fsck --repair`");
+            self.errors.store(true, Ordering::Relaxed);
+        }
+        if !orphans.is_empty() {
+            log::warn!("{p}: freeing {} unlinked files left open at a crash", orphans.len());
+            for ino in orphans {
+                self.free_orphan(ino).map_err(corrupt)?;
+            }
+            self.commit_now().map_err(corrupt)?;
+        }
+        Ok(self)
+    }
+
+    /// Frees an inode that was unlinked while open (recovery, unmount).
+    pub fn free_orphan(&self, ino: u64) -> Result<()> {
+        let tx = self.begin_delete(64)?;
+        let _g = self.lock_write(ino);
+        let mut rec = self.read_inode(ino)?;
+        if rec.nlink.get() != 0 {
+            return Err(self.corrupt(format!("orphan {ino} has {} links", rec.nlink)));
+        }
+        self.free_inode(&tx, ino, &mut rec)
+    }
+}
+
+/// Writes a fresh image's blocks. Layout: 0 and 1 superblock slots, 2 the space-map root
+/// (a level-0 node), 3 the bitmap of group 0, 4 the inode-table root, 5 its first leaf.
+fn format(img: &Image, size: u64) -> Result<()> {
+    const TXN: u64 = 1;
+    let total = size / BLOCK_SIZE;
+    let mut seed = [0u8; 24];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(Error::Io)?;
+    let write_block = |block: u64, payload: &[u8], kind: BlockKind| -> Result<()> {
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        buf[..payload.len()].copy_from_slice(payload);
+        let t = Trailer {
+            birth: TXN.into(),
+            kind: kind as u8,
+            level: 0,
+            reserved: 0.into(),
+            checksum: 0.into(),
+        };
+        buf[TRAILER_OFFSET..].copy_from_slice(t.as_bytes());
+        let crc = block_checksum(&buf);
+        buf[TRAILER_CHECKSUM_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        img.write(block_off(block), &buf)?;
+        Ok(())
+    };
+    write_block(2, &3u64.to_le_bytes(), BlockKind::Node)?;
+    let mut bitmap = vec![0u8; PAYLOAD_SIZE as usize];
+    bitmap[0] = 0b0011_1111; // blocks 0..=5
+    write_block(3, &bitmap, BlockKind::Bitmap)?;
+    write_block(4, &5u64.to_le_bytes(), BlockKind::Node)?;
+    let mut leaf = vec![0u8; PAYLOAD_SIZE as usize];
+    for ino in 0..INODES_PER_BLOCK {
+        let mut rec = Inode::new_zeroed();
+        if ino == ROOT_INO {
+            rec.mode = (libc::S_IFDIR | 0o755).into();
+            rec.nlink = 2.into();
+            rec.parent = ROOT_INO.into();
+            set_all_times_now(&mut rec);
+        } else if ino > ROOT_INO && ino + 1 < INODES_PER_BLOCK {
+            rec.next_free = (ino + 1).into();
+        }
+        rec.seal();
+        let at = (ino * INODE_SIZE) as usize;
+        leaf[at..at + INODE_SIZE as usize].copy_from_slice(rec.as_bytes());
+    }
+    write_block(5, &leaf, BlockKind::InodeTable)?;
+    let mut sb = Superblock::new_zeroed();
+    sb.magic = MAGIC;
+    sb.version = FORMAT_VERSION.into();
+    sb.block_size = (BLOCK_SIZE as u32).into();
+    sb.state = STATE_CLEAN.into();
+    sb.uuid.copy_from_slice(&seed[8..24]);
+    sb.hash_seed = u64::from_le_bytes(seed[..8].try_into().unwrap_or_default()).into();
+    sb.created_sec = now().0.into();
+    sb.total_blocks = total.into();
+    sb.free_blocks = (total - 6).into();
+    sb.used_inodes = 1.into();
+    sb.itab_slots = INODES_PER_BLOCK.into();
+    sb.itab_tree = pack_tree(4, 1).into();
+    sb.space_tree = pack_tree(2, 1).into();
+    sb.free_inode_head = 2.into();
+    sb.next_generation = 1.into();
+    sb.alloc_cursor = 6.into();
+    // Both slots hold the fresh state; slot 0 is the newer.
+    for (slot, txn) in [(0, TXN), (1, TXN - 1)] {
+        sb.txn = txn.into();
+        sb.commit_sec = sb.created_sec;
+        sb.seal();
+        img.write(block_off(slot), sb.as_bytes())?;
+    }
+    Ok(())
+}
