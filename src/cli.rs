@@ -12,6 +12,10 @@ use crate::format::*;
 use crate::fs::Fs;
 use crate::fuse::{FuseAdapter, KernelOptions};
 
+/// Test hook: a file that receives exactly what a power loss is guaranteed to leave (the
+/// flushed state), through the crash simulator (`image::sim`).
+const SHADOW_ENV: &str = "MMAPFS_POWERLOSS_SHADOW";
+
 /// Line the background daemon prints once the mount is live.
 const READY_LINE: &str = "mmapfs: mount is live";
 
@@ -223,7 +227,7 @@ fn info(image: &Path) -> ExitCode {
     let state = match rec.state {
         STATE_CLEAN => "clean",
         STATE_ERRORS => "damage was found: run `mmapfs fsck --repair`",
-        _ => "not cleanly unmounted: the next mount recovers it",
+        _ => "dirty (not cleanly unmounted: the next mount recovers it)",
     };
     println!("state:        {state}");
     println!(
@@ -375,10 +379,22 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[St
         }
     }
     // Options are all checked above: only now is the image opened (and marked mounted).
-    let engine = match Engine::open(image, OpenMode::Mount) {
+    let mut engine = match Engine::open(image, OpenMode::Mount) {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
+    if let Some(shadow) = std::env::var_os(SHADOW_ENV) {
+        let attached = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&shadow)
+            .and_then(|f| engine.attach_crash_sim(Some(f)));
+        if let Err(e) = attached {
+            return fail(format!("{SHADOW_ENV}: {e}"));
+        }
+    }
     let mut config = fuser::Config::default();
     config.mount_options = mount_options;
     // allow_other when root: integration clients run as other users (pjdfstest, sudo -u).

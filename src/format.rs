@@ -461,7 +461,7 @@ mod tests {
     fn layout_constants_agree() {
         assert_eq!(TREE_FANOUT, 510);
         assert_eq!(GROUP_BLOCKS, 32640);
-        assert!(INODES_PER_BLOCK * INODE_SIZE <= PAYLOAD_SIZE);
+        const { assert!(INODES_PER_BLOCK * INODE_SIZE <= PAYLOAD_SIZE) };
         // A tree of maximum height addresses every block of the largest file.
         assert!(TREE_FANOUT.pow(TREE_MAX_HEIGHT) >= MAX_FILE_SIZE / BLOCK_SIZE);
         // The index areas fit a tree of height 3.

@@ -235,7 +235,7 @@ pub fn attr_of(ino: u64, rec: &Inode) -> Attr {
         uid: rec.uid.get(),
         gid: rec.gid.get(),
         rdev: rec.rdev.get(),
-        generation: u64::from(rec.generation.get()),
+        generation: rec.generation.get(),
     }
 }
 
@@ -829,10 +829,7 @@ impl Fs {
                 continue; // A create or unlink of the target raced with us: look again.
             }
             if dst.is_none() {
-                tx.reserve_more(
-                    self.engine
-                        .dir_insert_cost(ndir.as_ref().unwrap_or(&pdir)),
-                )?;
+                tx.reserve_more(self.engine.dir_insert_cost(ndir.as_ref().unwrap_or(&pdir)))?;
             }
             let t = now_time();
             let mut dst_rec = match dst {
@@ -1154,8 +1151,7 @@ impl Fs {
             }
         }
         if !punch {
-            self.engine
-                .allocate_range(&tx, ino, &mut rec, off, len)?;
+            self.engine.allocate_range(&tx, ino, &mut rec, off, len)?;
             if mode & FALLOC_KEEP_SIZE == 0 && end > rec.size.get() {
                 rec.size = end.into();
             }
@@ -1254,8 +1250,7 @@ impl Fs {
         let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
-        self.engine
-            .xattr_set(&tx, &mut rec, name, value, mode)?;
+        self.engine.xattr_set(&tx, &mut rec, name, value, mode)?;
         set_ctime(&mut rec, now_time());
         self.engine.write_inode(&tx, ino, &mut rec)
     }

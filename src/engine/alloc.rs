@@ -365,9 +365,7 @@ impl Engine {
     /// set aside for their bitmaps, which the commit creates.
     fn grow(&self, sp: &mut Space, want: u64) -> Result<()> {
         let old = sp.total_blocks;
-        let step = (old / 4)
-            .max(MIN_GROW_BLOCKS)
-            .max(want + LOW_WATER_BLOCKS);
+        let step = (old / 4).max(MIN_GROW_BLOCKS).max(want + LOW_WATER_BLOCKS);
         let new = old + step;
         if new >= MAX_BLOCKS {
             return Err(Error::NoSpace);
@@ -550,7 +548,10 @@ mod tests {
         assert_eq!(e.covering(19), Some(20));
         assert_eq!(e.covering(20), None);
         assert_eq!(e.remove(12, 3), 3);
-        assert_eq!(e.iter().collect::<Vec<_>>(), vec![(10, 2), (15, 5), (30, 2)]);
+        assert_eq!(
+            e.iter().collect::<Vec<_>>(),
+            vec![(10, 2), (15, 5), (30, 2)]
+        );
         assert_eq!(e.remove(0, 100), 9);
         assert!(e.is_empty());
         assert_eq!(e.total(), 0);

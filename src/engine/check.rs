@@ -61,12 +61,19 @@ enum Fix {
     SetLinks(u64, u32),
     SetBlocks(u64, u64),
     SetParent(u64, u64),
+    /// An inode-table leaf whose trailer is damaged: copied (and so resealed) as it is.
+    RewriteLeaf(u64),
+    /// A file tree with a damaged node: every node copied (resealed).
+    RewriteTree(u64),
     RebuildFreeList,
     /// Bitmap corrections: owned blocks marked free, free blocks marked used.
     MarkUsed(Vec<(u64, u64)>),
     MarkFree(Vec<(u64, u64)>),
     /// Counter corrections (true value minus recorded value).
-    Counters { free_blocks: i64, used_inodes: i64 },
+    Counters {
+        free_blocks: i64,
+        used_inodes: i64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -119,7 +126,10 @@ impl Walk<'_> {
     fn meta_ok(&self, block: u64, kind: BlockKind) -> std::result::Result<(), String> {
         let t = self.e.verify_block(block).map_err(|e| e.to_string())?;
         if t.kind != kind as u8 {
-            return Err(format!("block {block} is of kind {} instead of {kind:?}", t.kind));
+            return Err(format!(
+                "block {block} is of kind {} instead of {kind:?}",
+                t.kind
+            ));
         }
         if t.birth.get() > self.txn {
             return Err(format!(
@@ -131,12 +141,15 @@ impl Walk<'_> {
     }
 
     /// Claims all blocks of a tree whose content blocks are metadata of `kind(tree block)` (or
-    /// data when `None`), verifying every metadata block. On a conflict releases what it
-    /// claimed. Returns the blocks claimed.
+    /// data when `None`), verifying every metadata block: a damaged one is added to `damaged`
+    /// as `(tree block, why)` (nodes with the first tree block they cover). On a conflict or
+    /// a tree that cannot be walked, releases what it claimed and fails. Returns the blocks
+    /// claimed.
     fn claim_tree(
         &mut self,
         packed: u64,
         kind: &dyn Fn(u64) -> Option<BlockKind>,
+        damaged: &mut Vec<(u64, String)>,
     ) -> std::result::Result<u64, String> {
         let mut blocks: Vec<(u64, bool, u64)> = Vec::new();
         self.e
@@ -151,7 +164,9 @@ impl Walk<'_> {
                 (true, Some(k)) => self.meta_ok(block, k),
                 (true, None) => Ok(()),
             };
-            check?;
+            if let Err(why) = check {
+                damaged.push((fblock, why));
+            }
         }
         for (i, &(block, _, _)) in blocks.iter().enumerate() {
             if !self.claim(block) {
@@ -260,16 +275,34 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     w.claim(0);
     w.claim(1);
     // The space map and the inode table must be intact: without them nothing can be checked.
-    w.claim_tree(sb.space_tree.get(), &|_| Some(BlockKind::Bitmap))
-        .map_err(|m| Error::corrupt(format!("space map: {m}")))?;
+    let mut damaged = Vec::new();
+    w.claim_tree(
+        sb.space_tree.get(),
+        &|_| Some(BlockKind::Bitmap),
+        &mut damaged,
+    )
+    .map_err(|m| Error::corrupt(format!("space map: {m}")))?;
+    for (_, why) in damaged.drain(..) {
+        w.problem(format!("space map: {why}"));
+    }
     for g in 0..total.div_ceil(GROUP_BLOCKS) {
         if e.tree_lookup(sb.space_tree.get(), g)?.is_none() {
-            return Err(Error::corrupt(format!("space map: bitmap of group {g} missing")));
+            return Err(Error::corrupt(format!(
+                "space map: bitmap of group {g} missing"
+            )));
         }
     }
     let slots = sb.itab_slots.get();
-    w.claim_tree(sb.itab_tree.get(), &|_| Some(BlockKind::InodeTable))
-        .map_err(|m| Error::corrupt(format!("inode table: {m}")))?;
+    w.claim_tree(
+        sb.itab_tree.get(),
+        &|_| Some(BlockKind::InodeTable),
+        &mut damaged,
+    )
+    .map_err(|m| Error::corrupt(format!("inode table: {m}")))?;
+    for (leaf, why) in damaged.drain(..) {
+        w.problem(format!("inode table: {why}"));
+        w.fixes.push(Fix::RewriteLeaf(leaf));
+    }
     for leaf in 0..slots / INODES_PER_BLOCK {
         if e.tree_lookup(sb.itab_tree.get(), leaf)?.is_none() {
             return Err(Error::corrupt(format!("inode table leaf {leaf} missing")));
@@ -312,7 +345,16 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     // Directories and the entries of theirs that unreachable inodes may be linked under.
     let mut dir_entries: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     while let Some(dino) = queue.pop_front() {
-        walk_dir(&mut w, dino, slots, &state, &mut refs, &mut subdirs, &mut reached, &mut queue)?;
+        walk_dir(
+            &mut w,
+            dino,
+            slots,
+            &state,
+            &mut refs,
+            &mut subdirs,
+            &mut reached,
+            &mut queue,
+        )?;
     }
 
     // Pass 3: per-inode checks.
@@ -346,8 +388,20 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
         } else {
             &|_| None
         };
-        let tree_blocks = match w.claim_tree(rec.tree.get(), kind) {
-            Ok(n) => n,
+        let tree_blocks = match w.claim_tree(rec.tree.get(), kind, &mut damaged) {
+            Ok(n) => {
+                if !damaged.is_empty() {
+                    for (_, why) in damaged.drain(..) {
+                        w.problem(format!("inode {ino}: {why}"));
+                    }
+                    if rec.is_dir() {
+                        w.fixes.push(Fix::SalvageDir(ino));
+                    } else {
+                        w.fixes.push(Fix::RewriteTree(ino));
+                    }
+                }
+                n
+            }
             Err(m) => {
                 w.problem(format!("inode {ino}: contents: {m}"));
                 w.fixes.push(Fix::DropTree(ino));
@@ -364,12 +418,17 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
             if valid && w.claim(xb) {
                 owned += 1;
             } else {
-                w.problem(format!("inode {ino}: xattr block {xb} invalid or owned twice"));
+                w.problem(format!(
+                    "inode {ino}: xattr block {xb} invalid or owned twice"
+                ));
                 w.fixes.push(Fix::DropXattr(ino));
             }
         }
         if rec.blocks.get() != owned {
-            w.problem(format!("inode {ino}: records {} blocks, owns {owned}", rec.blocks));
+            w.problem(format!(
+                "inode {ino}: records {} blocks, owns {owned}",
+                rec.blocks
+            ));
             w.fixes.push(Fix::SetBlocks(ino, owned));
         }
         let expected_links = if rec.is_dir() {
@@ -395,7 +454,9 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     }
 
     // Pass 4: the free inode list.
-    let free_slots = (1..slots).filter(|&i| state[i as usize] == Slot::Free).count() as u64;
+    let free_slots = (1..slots)
+        .filter(|&i| state[i as usize] == Slot::Free)
+        .count() as u64;
     let mut listed = 0u64;
     let mut seen = vec![false; slots as usize];
     let mut cur = sb.free_inode_head.get();
@@ -415,7 +476,7 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
             }
         };
     }
-    let damaged = state.iter().any(|s| *s == Slot::Damaged);
+    let damaged = state.contains(&Slot::Damaged);
     if !list_ok || listed != free_slots || damaged {
         if !list_ok || listed != free_slots {
             w.problem(format!(
@@ -424,7 +485,9 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
         }
         w.fixes.push(Fix::RebuildFreeList);
     }
-    let used_inodes = (1..slots).filter(|&i| state[i as usize] == Slot::Used).count() as u64;
+    let used_inodes = (1..slots)
+        .filter(|&i| state[i as usize] == Slot::Used)
+        .count() as u64;
 
     // Pass 5: the bitmaps must mark exactly the owned blocks.
     let mut used_blocks = 0u64;
@@ -527,7 +590,9 @@ fn walk_dir(
         }
     }
     if !index_ok {
-        w.problem(format!("directory {dino}: name index does not match its entries"));
+        w.problem(format!(
+            "directory {dino}: name index does not match its entries"
+        ));
         w.fixes.push(Fix::Reindex(dino));
     }
     for ent in entries {
@@ -629,6 +694,12 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
             }
             Fix::ToLostFound(ino) => to_lost_found(e, &tx, ino)?,
             Fix::RebuildFreeList => e.rebuild_free_list(&tx)?,
+            Fix::RewriteLeaf(leaf) => e.rewrite_itab_leaf(&tx, leaf)?,
+            Fix::RewriteTree(ino) => {
+                let mut rec = e.read_inode(ino)?;
+                e.rewrite_tree(&tx, &mut rec)?;
+                e.write_inode(&tx, ino, &mut rec)?;
+            }
         }
     }
     Ok(())
@@ -671,7 +742,13 @@ fn to_lost_found(e: &Engine, tx: &super::Tx, ino: u64) -> Result<()> {
     if e.dir_lookup(&dir, name.as_bytes())?.is_some() {
         return Ok(());
     }
-    e.dir_insert(tx, &mut dir, name.as_bytes(), ino, dtype_of_mode(rec.mode.get()))?;
+    e.dir_insert(
+        tx,
+        &mut dir,
+        name.as_bytes(),
+        ino,
+        dtype_of_mode(rec.mode.get()),
+    )?;
     if rec.is_dir() {
         rec.parent = lf.into();
         dir.nlink = (dir.nlink.get() + 1).into();

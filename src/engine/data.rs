@@ -167,10 +167,18 @@ impl Engine {
                 } else {
                     // Listed by the newest single-flush commit: keep that version intact.
                     let copy = self.copy_data_block(tx, &mut tree, fblock, start)?;
-                    Ok((Mapped { start: copy, len: 1 }, false))
+                    Ok((
+                        Mapped {
+                            start: copy,
+                            len: 1,
+                        },
+                        false,
+                    ))
                 }
             }
-            None => self.tree_ensure_data(&mut tx.blocks(), &mut tree, fblock, run.len, &mut blocks),
+            None => {
+                self.tree_ensure_data(&mut tx.blocks(), &mut tree, fblock, run.len, &mut blocks)
+            }
         };
         rec.tree = tree.into();
         rec.blocks = blocks.into();
@@ -246,7 +254,13 @@ impl Engine {
     ) -> Result<()> {
         let mut tree = rec.tree.get();
         let mut blocks = rec.blocks.get();
-        let r = self.tree_free_range(&mut tx.blocks(), &mut tree, from_block, to_block, &mut blocks);
+        let r = self.tree_free_range(
+            &mut tx.blocks(),
+            &mut tree,
+            from_block,
+            to_block,
+            &mut blocks,
+        );
         rec.tree = tree.into();
         rec.blocks = blocks.into();
         r
@@ -268,8 +282,10 @@ impl Engine {
                     block = self.copy_data_block(tx, &mut tree, fblock, block)?;
                     rec.tree = tree.into();
                 }
-                self.img
-                    .zero(block_off(block) + pos % BLOCK_SIZE, (block_end - pos) as usize)?;
+                self.img.zero(
+                    block_off(block) + pos % BLOCK_SIZE,
+                    (block_end - pos) as usize,
+                )?;
                 self.mark_data(ino, block, 1);
             }
             pos = block_end;
@@ -305,6 +321,23 @@ impl Engine {
             self.mark_data(ino, run.start, run.len);
             fblock += run.len;
         }
+        Ok(())
+    }
+
+    /// Repair: copies every node of a file's tree (the copies get fresh trailers at commit).
+    pub(super) fn rewrite_tree(&self, tx: &Tx, rec: &mut Inode) -> Result<()> {
+        let mut leaves = Vec::new();
+        self.tree_visit(rec.tree.get(), &mut |_, is_content, fblock| {
+            if !is_content && fblock % TREE_FANOUT == 0 {
+                leaves.push(fblock);
+            }
+            Ok(())
+        })?;
+        let mut tree = rec.tree.get();
+        for fblock in leaves {
+            self.tree_slot_mut(&mut tx.blocks(), &mut tree, fblock)?;
+        }
+        rec.tree = tree.into();
         Ok(())
     }
 

@@ -94,13 +94,13 @@ impl Engine {
         dir.tree = tree.into();
         dir.blocks = blocks.into();
         let (block, _) = r?;
-        self.img
-            .write(block_off(block) + off % BLOCK_SIZE, data)?;
+        self.img.write(block_off(block) + off % BLOCK_SIZE, data)?;
         Ok(())
     }
 
     fn index_slot_off(dir: &Inode, idx: u64) -> u64 {
-        let fblock = dir_index_area_block(dir.dir_hash_area.get()) + idx / DIR_INDEX_SLOTS_PER_BLOCK;
+        let fblock =
+            dir_index_area_block(dir.dir_hash_area.get()) + idx / DIR_INDEX_SLOTS_PER_BLOCK;
         fblock * BLOCK_SIZE + (idx % DIR_INDEX_SLOTS_PER_BLOCK) * 8
     }
 
@@ -193,12 +193,22 @@ impl Engine {
     /// Blocks an insert into `dir` may need beyond a handful: an index rebuild.
     pub fn dir_insert_cost(&self, dir: &Inode) -> u64 {
         let cap = dir.dir_hash_cap.get();
-        let new_cap = (dir.dir_live.get() + 1).saturating_mul(2).max(cap).max(MIN_INDEX_SLOTS);
+        let new_cap = (dir.dir_live.get() + 1)
+            .saturating_mul(2)
+            .max(cap)
+            .max(MIN_INDEX_SLOTS);
         new_cap.next_power_of_two().saturating_mul(2) / DIR_INDEX_SLOTS_PER_BLOCK + 8
     }
 
     /// Appends an entry (the caller checked that `name` is absent).
-    pub fn dir_insert(&self, tx: &Tx, dir: &mut Inode, name: &[u8], ino: u64, kind: u8) -> Result<()> {
+    pub fn dir_insert(
+        &self,
+        tx: &Tx,
+        dir: &mut Inode,
+        name: &[u8],
+        ino: u64,
+        kind: u8,
+    ) -> Result<()> {
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }

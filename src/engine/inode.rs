@@ -176,6 +176,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Repair: copies inode-table leaf `leaf` (its copy gets a fresh trailer at commit).
+    pub(super) fn rewrite_itab_leaf(&self, tx: &Tx, leaf: u64) -> Result<()> {
+        let mut it = self.itab.lock();
+        let mut tree = it.tree;
+        self.tree_meta_mut(
+            &mut tx.blocks(),
+            &mut tree,
+            leaf,
+            BlockKind::InodeTable,
+            &mut 0,
+        )?;
+        it.tree = tree;
+        self.itab_tree.store(tree, Ordering::Release);
+        Ok(())
+    }
+
     /// Repair: corrects the used-inode count by `delta`.
     pub(super) fn adjust_used_inodes(&self, delta: i64) {
         let mut it = self.itab.lock();
@@ -190,12 +206,10 @@ impl Engine {
         rec.next_free = cur.next_free;
         rec.orphan_next = cur.orphan_next;
         rec.orphan_prev = cur.orphan_prev;
-        rec.flags = ((rec.flags.get() & !INODE_FLAG_ORPHAN) | (cur.flags.get() & INODE_FLAG_ORPHAN))
-            .into();
+        rec.flags =
+            ((rec.flags.get() & !INODE_FLAG_ORPHAN) | (cur.flags.get() & INODE_FLAG_ORPHAN)).into();
         let old = self.put_record(tx, &mut it, ino, rec)?;
-        let structural = old.size != rec.size
-            || old.tree != rec.tree
-            || old.blocks != rec.blocks;
+        let structural = old.size != rec.size || old.tree != rec.tree || old.blocks != rec.blocks;
         self.note_change(ino, tx.id(), structural);
         Ok(())
     }

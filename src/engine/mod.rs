@@ -21,8 +21,8 @@
 //! - Inode records are read without a lock (tree pointers are published with atomic stores); a
 //!   reader retries when blocks may have been reused during its read (see `inode.rs`).
 
-pub mod check;
 mod alloc;
+pub mod check;
 mod data;
 mod dir;
 mod inode;

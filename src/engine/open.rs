@@ -146,16 +146,24 @@ fn sanity(sb: &Superblock) -> std::result::Result<(), String> {
         return Err(format!("total blocks {total} out of range"));
     }
     if sb.free_blocks.get() > total {
-        return Err(format!("free block count {} > total {total}", sb.free_blocks));
+        return Err(format!(
+            "free block count {} > total {total}",
+            sb.free_blocks
+        ));
     }
-    for (what, packed) in [("inode table", sb.itab_tree.get()), ("space map", sb.space_tree.get())] {
+    for (what, packed) in [
+        ("inode table", sb.itab_tree.get()),
+        ("space map", sb.space_tree.get()),
+    ] {
         let (root, height) = unpack_tree(packed);
         if root < 2 || root >= total || height == 0 || height > TREE_MAX_HEIGHT {
             return Err(format!("{what} root {root} height {height} invalid"));
         }
     }
     let slots = sb.itab_slots.get();
-    if slots < INODES_PER_BLOCK || slots % INODES_PER_BLOCK != 0 || slots / INODES_PER_BLOCK > total
+    if slots < INODES_PER_BLOCK
+        || !slots.is_multiple_of(INODES_PER_BLOCK)
+        || slots / INODES_PER_BLOCK > total
     {
         return Err(format!("inode table size {slots} invalid"));
     }
@@ -204,6 +212,9 @@ struct Choice {
     slot: u64,
     /// Highest transaction number seen in either slot.
     max_txn: u64,
+    /// Smallest image size either valid slot records: the file was at least this long once
+    /// both were durable, so a shorter file was truncated, not caught in a growth.
+    min_total: u64,
     rolled_back: Option<String>,
     other_slot: Option<String>,
 }
@@ -248,6 +259,11 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
         return Err(OpenError::Corrupt(p.into(), damaged.join("; ")));
     }
     let max_txn = valid.iter().map(|(_, sb)| sb.txn.get()).max().unwrap_or(0);
+    let min_total = valid
+        .iter()
+        .map(|(_, sb)| sb.total_blocks.get())
+        .min()
+        .unwrap_or(0);
     let mut order = valid.clone();
     order.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.txn.get()));
     let describe = |i: usize| match &slots[i] {
@@ -269,6 +285,7 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
             sb: newest.clone(),
             slot: newest_slot,
             max_txn,
+            min_total,
             rolled_back: None,
             other_slot,
         }),
@@ -282,11 +299,11 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
                     sb: older.clone(),
                     slot: older_slot,
                     max_txn,
+                    min_total,
                     rolled_back: Some(format!(
                         "the newest commit (transaction {}) did not reach the disk whole \
                          (block {block}); using transaction {}",
-                        newest.txn,
-                        older.txn
+                        newest.txn, older.txn
                     )),
                     other_slot: None,
                 })
@@ -298,6 +315,7 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
                     sb: newest.clone(),
                     slot: newest_slot,
                     max_txn,
+                    min_total,
                     rolled_back: None,
                     other_slot,
                 }),
@@ -377,6 +395,12 @@ impl Engine {
         let sb = choice.sb.clone();
         let want_len = sb.total_blocks.get() * BLOCK_SIZE;
         let len = file.metadata().map_err(io_err)?.len();
+        if len < choice.min_total * BLOCK_SIZE {
+            return Err(OpenError::Corrupt(
+                p,
+                format!("the image needs {want_len} bytes but the file holds {len} (truncated?)"),
+            ));
+        }
         let mut resized = None;
         if mode == OpenMode::Mount && len > want_len {
             // A growth the state does not know about (not committed): nothing lives there.
@@ -454,13 +478,27 @@ impl Engine {
             self.errors.store(true, Ordering::Relaxed);
         }
         if !orphans.is_empty() {
-            log::warn!("{p}: freeing {} unlinked files left open at a crash", orphans.len());
+            log::warn!(
+                "{p}: freeing {} unlinked files left open at a crash",
+                orphans.len()
+            );
             for ino in orphans {
                 self.free_orphan(ino).map_err(corrupt)?;
             }
             self.commit_now().map_err(corrupt)?;
         }
         Ok(self)
+    }
+
+    /// Test hook: durability goes through a crash simulator from now on (see `image::sim`);
+    /// with `shadow`, the simulated disk is mirrored to that file at every flush.
+    pub fn attach_crash_sim(&mut self, shadow: Option<File>) -> io::Result<()> {
+        let sim = image::sim::CrashSim::new(&self.img)?;
+        if let Some(f) = shadow {
+            sim.mirror_to(f)?;
+        }
+        self.img.attach_sim(sim);
+        Ok(())
     }
 
     /// Frees an inode that was unlinked while open (recovery, unmount).

@@ -55,7 +55,13 @@ impl Engine {
     }
 
     /// Writes an empty metadata block: zero payload, trailer born in `txn`.
-    pub(super) fn init_block(&self, block: u64, txn: u64, kind: BlockKind, level: u32) -> Result<()> {
+    pub(super) fn init_block(
+        &self,
+        block: u64,
+        txn: u64,
+        kind: BlockKind,
+        level: u32,
+    ) -> Result<()> {
         self.img.zero(block_off(block), PAYLOAD_SIZE as usize)?;
         self.write_trailer(block, txn, kind, level)
     }

@@ -58,7 +58,10 @@ impl Tx<'_> {
 
     /// The allocator as this operation sees it.
     pub(super) fn blocks(&self) -> TxBlocks<'_> {
-        TxBlocks { e: self.e, tx: self }
+        TxBlocks {
+            e: self.e,
+            tx: self,
+        }
     }
 }
 
@@ -363,8 +366,7 @@ impl Engine {
         if cut.single {
             for &(s, l) in &cut.ordered {
                 for b in s..s + l {
-                    let crc =
-                        crc32c::crc32c(self.img.bytes(block_off(b), BLOCK_SIZE as usize)?);
+                    let crc = crc32c::crc32c(self.img.bytes(block_off(b), BLOCK_SIZE as usize)?);
                     list.push(ListEntry {
                         block: (b | LIST_DATA_FLAG).into(),
                         crc: crc.into(),

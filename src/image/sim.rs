@@ -151,7 +151,7 @@ impl CrashSim {
         let mut s = self.state.lock();
         let pages = img.len() / PAGE_SIZE;
         for page in 0..pages {
-            if rng() % one_in.max(1) == 0 {
+            if rng().is_multiple_of(one_in.max(1)) {
                 s.write_back_page(img, page);
             }
         }
@@ -164,7 +164,7 @@ impl CrashSim {
         let dur_len = s.durable.len();
         // The file's new length reaches the disk at a flush or whenever the kernel writes the
         // inode back: either may have happened.
-        let len = if mem_len != dur_len && rng() % 2 == 0 {
+        let len = if mem_len != dur_len && rng().is_multiple_of(2) {
             mem_len
         } else {
             dur_len
@@ -190,11 +190,11 @@ impl CrashSim {
             let dst = &mut out[off..off + PAGE];
             let pick = versions[(rng() % versions.len() as u64) as usize];
             dst.copy_from_slice(pick);
-            if versions.len() > 1 && rng() % 8 == 0 {
+            if versions.len() > 1 && rng().is_multiple_of(8) {
                 // A torn write: some sectors of another version.
                 let other = versions[(rng() % versions.len() as u64) as usize];
                 for sector in 0..PAGE / SECTOR {
-                    if rng() % 2 == 0 {
+                    if rng().is_multiple_of(2) {
                         let r = sector * SECTOR..(sector + 1) * SECTOR;
                         dst[r.clone()].copy_from_slice(&other[r]);
                     }

@@ -188,12 +188,19 @@ fn mount_refuses_bad_images() {
     let tiny = c.dir.path().join("tiny");
     fs::write(&tiny, b"MMAPFS").unwrap();
     refused(&tiny, &c.mnt, "not an mmapfs image", "6-byte file");
-    // Bad version.
+    // Bad version (both superblock copies).
     let mut bytes = fs::read(&c.image).unwrap();
     bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+    bytes[4096 + 8..4096 + 12].copy_from_slice(&7u32.to_le_bytes());
     let v = c.dir.path().join("version");
     fs::write(&v, &bytes).unwrap();
     refused(&v, &c.mnt, "version", "bad version");
+    // A version-1 image is refused with the command that converts it.
+    let mut bytes = fs::read(&c.image).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    bytes[4096 + 8..4096 + 12].copy_from_slice(&1u32.to_le_bytes());
+    fs::write(&v, &bytes).unwrap();
+    refused(&v, &c.mnt, "mmapfs upgrade", "version 1");
     // Truncated to half.
     let t = c.dir.path().join("truncated");
     fs::copy(&c.image, &t).unwrap();
@@ -201,19 +208,20 @@ fn mount_refuses_bad_images() {
     f.set_len(8 << 20).unwrap();
     drop(f);
     refused(&t, &c.mnt, "truncated", "truncated image");
-    // A flipped byte in the superblock.
+    // A flipped byte in both superblock copies.
     let mut rng = Rng::new(seed("mount_refuses_bad_images"));
     for _ in 0..4 {
         let mut bytes = fs::read(&c.image).unwrap();
-        let at = 16 + rng.below(250 - 16) as usize;
+        let at = 16 + rng.below(4090 - 16) as usize;
         bytes[at] ^= 1 << rng.below(8);
+        bytes[4096 + at] ^= 1 << rng.below(8);
         let s = c.dir.path().join("flipped");
         fs::write(&s, &bytes).unwrap();
         refused(
             &s,
             &c.mnt,
             "checksum",
-            &format!("superblock byte {at} flipped"),
+            &format!("superblock byte {at} flipped in both copies"),
         );
     }
     // Missing mount point.
@@ -233,11 +241,12 @@ fn mount_refuses_bad_images() {
 fn mount_refuses_busy_mountpoint_and_image_in_use() {
     let m = Mount::new();
     fs::write(m.p("keep"), b"keep").unwrap();
+    // Committed now, so the first daemon has nothing left to write while we compare.
+    fs::File::open(m.path()).unwrap().sync_all().unwrap();
     let other = case();
     refused(&other.image, m.path(), "busy", "busy mount point");
-    // The first daemon may write to its image at any time (async releases, reference counts),
-    // so compare what a second mount would have changed: the superblock (state, mount count).
-    let superblock = |p: &Path| fs::read(p).unwrap()[..256].to_vec();
+    // Compare what a second mount would have changed: the superblocks (state, mount count).
+    let superblock = |p: &Path| fs::read(p).unwrap()[..8192].to_vec();
     let before = superblock(m.image());
     let out = try_mount(m.image(), &other.mnt, &[]);
     let stderr = assert_clean_failure(&out, "image in use");
@@ -292,23 +301,21 @@ fn fsck_reports_corruption_without_panicking() {
     let mut m = Mount::new();
     fs::write(m.p("victim-file-name"), pattern(1, 0, 10_000)).unwrap();
     fs::create_dir(m.p("some-directory")).unwrap();
-    m.unmount();
+    m.settle();
     let out = run(Command::new(BIN).arg("fsck").arg(m.image()));
     assert!(out.status.success(), "{}", describe(&out));
     let good = fs::read(m.image()).unwrap();
 
-    // The inode table starts at block 3; inode n is at n * 256. Inode 2 is the first file.
+    // Inode 2 is the first file created (docs/format.md: the free list starts at 2).
+    let victim = inode_offset(&good, 2);
     let bad_inode = |byte: usize| {
         let mut b = good.clone();
-        b[3 * 4096 + 2 * 256 + byte] ^= 0x10;
+        b[victim + byte] ^= 0x10;
         b
     };
-    // A directory entry: find the name in the root directory's entry block.
+    // A directory entry: the name in the root directory's entry block.
     let name = b"victim-file-name";
-    let pos = good
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("directory entry not found in the image");
+    let pos = name_offset(&good, 1, name);
     let mut dirent = good.clone();
     dirent[pos - 16] ^= 0x3; // the entry's inode number
     let mut dirname = good.clone();
@@ -316,7 +323,7 @@ fn fsck_reports_corruption_without_panicking() {
     for (what, bytes) in [
         ("inode size", bad_inode(16)),
         ("inode mode", bad_inode(1)),
-        ("inode tree", bad_inode(120)),
+        ("inode tree", bad_inode(96)),
         ("dirent inode", dirent),
         ("dirent name", dirname),
     ] {
@@ -382,6 +389,9 @@ fn info_and_sigterm() {
     // After a kill -9 the state is dirty, and a mount recovers it.
     m.mount();
     assert_eq!(fs::read(m.p("data")).unwrap(), pattern(2, 0, 2 << 20));
+    // A change commits the mounted state (a mount that changes nothing writes nothing).
+    fs::write(m.p("more"), b"more").unwrap();
+    fs::File::open(m.p("more")).unwrap().sync_all().unwrap();
     m.kill9();
     let text = info(m.image());
     assert!(text.contains("dirty"), "{text}");

@@ -222,6 +222,17 @@ impl Mount {
         status.unwrap_or_else(|| panic!("daemon ignored signal {sig}; log:\n{}", self.log()))
     }
 
+    /// Leaves the image unmounted with a newest commit that wrote no blocks (a mount and an
+    /// unmount that change nothing): damage a test then does to the image is damage, not
+    /// what a torn last commit looks like.
+    pub fn settle(&mut self) {
+        if self.is_mounted() {
+            self.unmount();
+        }
+        self.mount();
+        self.unmount();
+    }
+
     /// Unmounts and checks the image: the last step of every test that writes.
     pub fn finish(mut self) {
         if self.is_mounted() {
@@ -299,6 +310,64 @@ pub fn describe(out: &Output) -> String {
 pub fn fsck(image: &Path) {
     let out = run(Command::new(BIN).arg("fsck").arg(image));
     assert!(out.status.success(), "fsck failed: {}", describe(&out));
+}
+
+/// Runs `mmapfs fsck --repair IMAGE` and asserts it ends with a consistent image.
+pub fn fsck_repair(image: &Path) -> String {
+    let out = run(Command::new(BIN).arg("fsck").arg("--repair").arg(image));
+    assert!(
+        out.status.success(),
+        "fsck --repair failed: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Byte offset of the newest superblock slot in an image (docs/format.md: slots at blocks 0
+/// and 1, `txn` at byte 64; a slot without the magic is ignored).
+pub fn newest_slot(image: &[u8]) -> usize {
+    let txn = |slot: usize| {
+        let b = &image[slot * 4096..slot * 4096 + 72];
+        (b[..8] == *b"MMAPFS\0\x1a").then(|| u64::from_le_bytes(b[64..72].try_into().unwrap()))
+    };
+    match (txn(0), txn(1)) {
+        (Some(a), Some(b)) if b > a => 4096,
+        (None, Some(_)) => 4096,
+        _ => 0,
+    }
+}
+
+/// Image block that tree block `fblock` of the packed tree `packed` maps to (docs/format.md:
+/// root block in bits 0..56, height above; 510 pointers per node).
+pub fn tree_block(image: &[u8], packed: u64, fblock: u64) -> u64 {
+    let (mut node, height) = (packed & ((1 << 56) - 1), (packed >> 56) as u32);
+    for level in (0..height).rev() {
+        let idx = (fblock / 510u64.pow(level)) % 510;
+        let at = node as usize * 4096 + idx as usize * 8;
+        node = u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+    }
+    node
+}
+
+/// Byte offset of inode `ino`'s record in an image: the newest superblock's inode-table tree
+/// (`itab_tree` at byte 104), 15 records of 256 bytes per leaf.
+pub fn inode_offset(image: &[u8], ino: u64) -> usize {
+    let sb = newest_slot(image);
+    let packed = u64::from_le_bytes(image[sb + 104..sb + 112].try_into().unwrap());
+    tree_block(image, packed, ino / 15) as usize * 4096 + (ino % 15) as usize * 256
+}
+
+/// Byte offset of `name` in the first entry block of directory `dir` (the live copy: older
+/// copies of a block stay in free space).
+pub fn name_offset(image: &[u8], dir: u64, name: &[u8]) -> usize {
+    let rec = inode_offset(image, dir);
+    let packed = u64::from_le_bytes(image[rec + 96..rec + 104].try_into().unwrap());
+    let block = tree_block(image, packed, 0) as usize * 4096;
+    block
+        + image[block..block + 4080]
+            .windows(name.len())
+            .position(|w| w == name)
+            .expect("name not in the directory's first block")
 }
 
 /// Output of `mmapfs info IMAGE` (asserts success).
