@@ -2,7 +2,8 @@
 //!
 //! Layers, each depending only on the ones below it:
 //! `fuse` (adapter) -> `fs` (POSIX semantics) -> `engine` (storage) -> `format` (on-image
-//! structs) -> `image` (the mapping; the only module with `unsafe`).
+//! structs) -> `image` (the mapping; the only module with `unsafe`). `v1` stands apart: a
+//! read-only reader of format-version-1 images (with `pread`), for upgrading them.
 
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -15,4 +16,5 @@ pub mod fs;
 pub mod fuse;
 #[allow(unsafe_code)]
 pub mod image;
+pub mod v1;
 pub mod workers;
