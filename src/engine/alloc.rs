@@ -130,6 +130,9 @@ pub(super) struct Space {
     /// Freed and not yet reusable.
     frozen: Extents,
     frozen_by_txn: VecDeque<(u64, Vec<(u64, u64)>)>,
+    /// Groups added by growth since the last commit: their first block (set aside in
+    /// `allocated`) becomes their bitmap at the commit.
+    new_groups: BTreeSet<u64>,
     /// Metadata blocks written by the running transaction.
     pub pages: BTreeSet<u64>,
     /// Data blocks allocated by the running transaction (ordered data).
@@ -150,6 +153,7 @@ impl Space {
             freed: Extents::default(),
             frozen: Extents::default(),
             frozen_by_txn: VecDeque::new(),
+            new_groups: BTreeSet::new(),
             pages: BTreeSet::new(),
             ordered: Extents::default(),
             dirty: false,
@@ -228,11 +232,18 @@ impl Engine {
     }
 
     fn is_free(&self, sp: &Space, block: u64) -> Result<bool> {
-        Ok(block >= 2
-            && block < sp.total_blocks
-            && sp.allocated.covering(block).is_none()
-            && sp.frozen.covering(block).is_none()
-            && !self.bit_set(sp.tree, block)?)
+        if block < 2
+            || block >= sp.total_blocks
+            || sp.allocated.covering(block).is_some()
+            || sp.frozen.covering(block).is_some()
+        {
+            return Ok(false);
+        }
+        let g = block / GROUP_BLOCKS;
+        if self.bitmap_of(sp.tree, g)?.is_none() && !sp.new_groups.contains(&g) {
+            return Err(self.corrupt(format!("group {g} has no bitmap")));
+        }
+        Ok(!self.bit_set(sp.tree, block)?)
     }
 
     /// First block in `[from, to)` that is free in its bitmap and neither allocated by the
@@ -243,7 +254,8 @@ impl Engine {
             let g = b / GROUP_BLOCKS;
             let group_end = ((g + 1) * GROUP_BLOCKS).min(to);
             let candidate = match self.bitmap_of(sp.tree, g)? {
-                None => Some(b),
+                None if sp.new_groups.contains(&g) => Some(b),
+                None => return Err(self.corrupt(format!("group {g} has no bitmap"))),
                 Some(bm) => {
                     let bytes = self.img.bytes(block_off(bm), PAYLOAD_SIZE as usize)?;
                     first_zero_bit(bytes, b % GROUP_BLOCKS, group_end - g * GROUP_BLOCKS)
@@ -383,6 +395,7 @@ impl Engine {
             let first = g * GROUP_BLOCKS;
             sp.allocated.insert(first, 1);
             sp.pages.insert(first);
+            sp.new_groups.insert(g);
             sp.free_blocks -= 1;
         }
         sp.dirty = true;
@@ -472,10 +485,10 @@ impl Engine {
                 let cur = self.img.load_u64(slot)?;
                 let bitmap = if cur == 0 {
                     // A group added by growth: its first block was set aside for the bitmap.
-                    let first = g * GROUP_BLOCKS;
-                    if sp.allocated.covering(first).is_none() {
+                    if !sp.new_groups.remove(&g) {
                         return Err(self.corrupt(format!("group {g} has no bitmap")));
                     }
+                    let first = g * GROUP_BLOCKS;
                     self.init_block(first, txn, BlockKind::Bitmap, 0)?;
                     first
                 } else {

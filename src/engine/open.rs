@@ -513,22 +513,24 @@ impl Engine {
     }
 }
 
-/// Writes a fresh image's blocks. Layout: 0 and 1 superblock slots, 2 the space-map root
-/// (a level-0 node), 3 the bitmap of group 0, 4 the inode-table root, 5 its first leaf.
+/// Writes a fresh image's blocks. Layout: 0 and 1 superblock slots, 2 the space-map root,
+/// 3 the bitmap of group 0, 4 the inode-table root, 5 its first leaf, then (large images) the
+/// other space-map nodes; every other group's bitmap is its own first block.
 fn format(img: &Image, size: u64) -> Result<()> {
     const TXN: u64 = 1;
     let total = size / BLOCK_SIZE;
+    let groups = total.div_ceil(GROUP_BLOCKS);
     let mut seed = [0u8; 24];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut seed))
         .map_err(Error::Io)?;
-    let write_block = |block: u64, payload: &[u8], kind: BlockKind| -> Result<()> {
+    let write_block = |block: u64, payload: &[u8], kind: BlockKind, level: u32| -> Result<()> {
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         buf[..payload.len()].copy_from_slice(payload);
         let t = Trailer {
             birth: TXN.into(),
             kind: kind as u8,
-            level: 0,
+            level: level as u8,
             reserved: 0.into(),
             checksum: 0.into(),
         };
@@ -538,11 +540,45 @@ fn format(img: &Image, size: u64) -> Result<()> {
         img.write(block_off(block), &buf)?;
         Ok(())
     };
-    write_block(2, &3u64.to_le_bytes(), BlockKind::Node)?;
+    let pointers =
+        |blocks: &[u64]| -> Vec<u8> { blocks.iter().flat_map(|b| b.to_le_bytes()).collect() };
+    // The space map: a tree whose block `g` is group `g`'s bitmap, built bottom-up. Nodes
+    // other than the root take blocks 6.. of group 0.
+    let bitmaps: Vec<u64> = (0..groups)
+        .map(|g| if g == 0 { 3 } else { g * GROUP_BLOCKS })
+        .collect();
+    let mut next_node = 6;
+    let mut level_blocks = bitmaps.clone();
+    let mut level = 0;
+    let space_root = loop {
+        let chunks: Vec<&[u64]> = level_blocks.chunks(TREE_FANOUT as usize).collect();
+        if chunks.len() == 1 {
+            write_block(2, &pointers(chunks[0]), BlockKind::Node, level)?;
+            break pack_tree(2, level + 1);
+        }
+        let mut parents = Vec::new();
+        for chunk in chunks {
+            write_block(next_node, &pointers(chunk), BlockKind::Node, level)?;
+            parents.push(next_node);
+            next_node += 1;
+        }
+        level_blocks = parents;
+        level += 1;
+    };
+    if next_node > GROUP_BLOCKS.min(total) {
+        return Err(Error::corrupt("image too large for its first group"));
+    }
     let mut bitmap = vec![0u8; PAYLOAD_SIZE as usize];
-    bitmap[0] = 0b0011_1111; // blocks 0..=5
-    write_block(3, &bitmap, BlockKind::Bitmap)?;
-    write_block(4, &5u64.to_le_bytes(), BlockKind::Node)?;
+    for b in (0..6).chain(6..next_node) {
+        bitmap[(b / 8) as usize] |= 1 << (b % 8);
+    }
+    write_block(3, &bitmap, BlockKind::Bitmap, 0)?;
+    let mut own_first = vec![0u8; PAYLOAD_SIZE as usize];
+    own_first[0] = 1;
+    for &bm in &bitmaps[1..] {
+        write_block(bm, &own_first, BlockKind::Bitmap, 0)?;
+    }
+    write_block(4, &5u64.to_le_bytes(), BlockKind::Node, 0)?;
     let mut leaf = vec![0u8; PAYLOAD_SIZE as usize];
     for ino in 0..INODES_PER_BLOCK {
         let mut rec = Inode::new_zeroed();
@@ -558,7 +594,8 @@ fn format(img: &Image, size: u64) -> Result<()> {
         let at = (ino * INODE_SIZE) as usize;
         leaf[at..at + INODE_SIZE as usize].copy_from_slice(rec.as_bytes());
     }
-    write_block(5, &leaf, BlockKind::InodeTable)?;
+    write_block(5, &leaf, BlockKind::InodeTable, 0)?;
+    let used = next_node + (groups - 1);
     let mut sb = Superblock::new_zeroed();
     sb.magic = MAGIC;
     sb.version = FORMAT_VERSION.into();
@@ -568,14 +605,14 @@ fn format(img: &Image, size: u64) -> Result<()> {
     sb.hash_seed = u64::from_le_bytes(seed[..8].try_into().unwrap_or_default()).into();
     sb.created_sec = now().0.into();
     sb.total_blocks = total.into();
-    sb.free_blocks = (total - 6).into();
+    sb.free_blocks = (total - used).into();
     sb.used_inodes = 1.into();
     sb.itab_slots = INODES_PER_BLOCK.into();
     sb.itab_tree = pack_tree(4, 1).into();
-    sb.space_tree = pack_tree(2, 1).into();
+    sb.space_tree = space_root.into();
     sb.free_inode_head = 2.into();
     sb.next_generation = 1.into();
-    sb.alloc_cursor = 6.into();
+    sb.alloc_cursor = next_node.into();
     // Both slots hold the fresh state; slot 0 is the newer.
     for (slot, txn) in [(0, TXN), (1, TXN - 1)] {
         sb.txn = txn.into();
