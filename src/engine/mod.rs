@@ -226,6 +226,13 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The committer holds the engine only while committing; this ends its wait.
+        self.txm.tick_stop();
+    }
+}
+
 /// Sets a new inode's atime, mtime, ctime and birth time to now.
 fn set_all_times_now(rec: &mut Inode) {
     let (s, ns) = now();

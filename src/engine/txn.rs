@@ -140,17 +140,23 @@ pub(super) struct TxnManager {
     /// change may have read a reused block and must retry.
     pub reuse_gen: AtomicU64,
     flush_locks: Box<[Mutex<()>]>,
-    /// Committer thread control.
-    tick: Mutex<CommitterCtl>,
-    tick_cv: Condvar,
-    interval: Mutex<Duration>,
+    /// Committer thread control (shared with the thread, which holds the engine only while
+    /// it commits).
+    tick: Arc<Tick>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct Tick {
+    ctl: Mutex<CommitterCtl>,
+    cv: Condvar,
 }
 
 #[derive(Default)]
 struct CommitterCtl {
     stop: bool,
     nudged: bool,
+    interval: Option<Duration>,
 }
 
 impl TxnManager {
@@ -170,9 +176,7 @@ impl TxnManager {
             initial_commit: AtomicBool::new(false),
             reuse_gen: AtomicU64::new(0),
             flush_locks: (0..FLUSH_LOCKS).map(|_| Mutex::new(())).collect(),
-            tick: Mutex::new(CommitterCtl::default()),
-            tick_cv: Condvar::new(),
-            interval: Mutex::new(DEFAULT_COMMIT_INTERVAL),
+            tick: Arc::default(),
             committer: Mutex::new(None),
         }
     }
@@ -195,9 +199,15 @@ impl TxnManager {
         }
     }
 
+    /// Tells the committer thread to end (it then exits at its next wake-up).
+    pub fn tick_stop(&self) {
+        self.tick.ctl.lock().stop = true;
+        self.tick.cv.notify_all();
+    }
+
     fn nudge(&self) {
-        self.tick.lock().nudged = true;
-        self.tick_cv.notify_one();
+        self.tick.ctl.lock().nudged = true;
+        self.tick.cv.notify_one();
     }
 
     /// Newest durable transaction.
@@ -520,9 +530,15 @@ impl Engine {
         Ok(())
     }
 
+    /// The newest durable transaction.
+    pub fn durable_txn(&self) -> u64 {
+        self.txm.durable()
+    }
+
     /// Sets the committer thread's interval (`-o commit=SECONDS`).
     pub fn set_commit_interval(&self, interval: Duration) {
-        *self.txm.interval.lock() = interval.max(Duration::from_millis(10));
+        self.txm.tick.ctl.lock().interval = Some(interval.max(Duration::from_millis(10)));
+        self.txm.tick.cv.notify_all();
     }
 
     /// Starts the thread that commits every few seconds and when a transaction grows large.
@@ -531,22 +547,23 @@ impl Engine {
             return;
         }
         let weak = Arc::downgrade(self);
+        let tick = self.txm.tick.clone();
         let handle = std::thread::Builder::new()
             .name("mmapfs-commit".into())
             .spawn(move || {
                 loop {
-                    let Some(e) = weak.upgrade() else { return };
-                    let interval = *e.txm.interval.lock();
                     {
-                        let mut ctl = e.txm.tick.lock();
+                        let mut ctl = tick.ctl.lock();
                         if !ctl.stop && !ctl.nudged {
-                            e.txm.tick_cv.wait_for(&mut ctl, interval);
+                            let interval = ctl.interval.unwrap_or(DEFAULT_COMMIT_INTERVAL);
+                            tick.cv.wait_for(&mut ctl, interval);
                         }
                         if ctl.stop {
                             return;
                         }
                         ctl.nudged = false;
                     }
+                    let Some(e) = weak.upgrade() else { return };
                     if let Err(err) = e.commit_now() {
                         log::error!("background commit failed: {err}");
                     }
@@ -558,9 +575,9 @@ impl Engine {
         }
     }
 
-    fn stop_committer(&self) {
-        self.txm.tick.lock().stop = true;
-        self.txm.tick_cv.notify_all();
+    pub(super) fn stop_committer(&self) {
+        self.txm.tick.ctl.lock().stop = true;
+        self.txm.tick.cv.notify_all();
         let handle = self.txm.committer.lock().take();
         if let Some(h) = handle
             && h.thread().id() != std::thread::current().id()
