@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# mmapfs vs tmpfs benchmark. See docs/bench.md.
+# mmapfs vs tmpfs (and the host filesystem) benchmark. See docs/bench.md.
 #
 #   scripts/bench.sh [--quick] [options]
 #
-# Mounts a fresh mmapfs image and a fresh tmpfs, runs the same workloads on both, interleaved
-# (tmpfs, mmapfs, tmpfs, mmapfs, ...) for several repetitions, and reports medians and the ratio
-# "fraction of tmpfs speed" (higher is better, 1.0 = tmpfs speed) per workload.
+# Mounts a fresh mmapfs image and a fresh tmpfs, and makes a directory on the host filesystem next to the
+# image (the physical limit for anything that must reach the disk: fsync). Runs the same workloads on the
+# three, interleaved (tmpfs, mmapfs, host, tmpfs, mmapfs, host, ...) for several repetitions, and reports
+# medians and the ratios "fraction of tmpfs speed" and "fraction of host speed" (higher is better,
+# 1.0 = as fast as the reference) per workload.
 # Output: a Markdown table on stdout; results.md, results.json, chart.svg and the raw fio/tool output in
 # results/bench-<timestamp>/, copied to results/latest/. Progress goes to stderr.
-# Exit status: 0 when every workload ran on both filesystems, 1 when a workload failed, 2 on a setup error.
+# Exit status: 0 when every workload ran on every filesystem, 1 when a workload failed, 2 on a setup error.
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
 usage: scripts/bench.sh [options]
-  --quick               tiny sizes, 1 repetition, short runtimes (< 1 minute; for CI: checks the bench runs)
+  --quick               tiny sizes, 1 repetition, short runtimes, host column only for the fsync rows
+                        (about a minute; for CI: checks the bench runs)
   --reps N              repetitions per workload (default 3, --quick: 1)
   --only REGEX          run only the workloads whose name matches REGEX (grep -E)
   --list                list the workloads and exit
@@ -30,6 +33,9 @@ usage: scripts/bench.sh [options]
   --no-build            do not run cargo build --release
   --keep                keep the temp dir (image, generated repository) for inspection
   --fs-under-test FS    mmapfs (default) or tmpfs: a second tmpfs stands in for mmapfs (to develop the bench)
+  --host MODE           the third column, a plain directory on the filesystem holding the image: run
+                        every workload there (all, the default), only the fsync-heavy ones (fsync, the
+                        default with --quick), or none
 EOF
 }
 
@@ -44,7 +50,7 @@ die() {
 
 # ---------------------------------------------------------------- options
 QUICK=0 REPS="" ONLY="" LIST=0 IMAGE_DIR="" IMAGE_SIZE="" TMPFS_SIZE="" THREADS="" MOUNT_OPTS=""
-JOB_TIMEOUT="" BDI_SETTINGS=() RESULTS_BASE=$REPO/results BUILD=1 KEEP=0 FS_UNDER_TEST=mmapfs
+JOB_TIMEOUT="" BDI_SETTINGS=() RESULTS_BASE=$REPO/results BUILD=1 KEEP=0 FS_UNDER_TEST=mmapfs HOST_MODE=""
 while (($#)); do
     case $1 in
     --quick) QUICK=1 ;;
@@ -62,6 +68,7 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
     --fs-under-test) FS_UNDER_TEST=$2; shift ;;
+    --host) HOST_MODE=$2; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
@@ -74,10 +81,12 @@ ALL_WORKLOADS=(
     seq-write-cold seq-read-cold seq-read-warm seq-write-warm
     rand-read-cold rand-read rand-write
     mmap-seq-write mmap-seq-read-cold mmap-seq-read mmap-rand-read-cold mmap-rand-read mmap-rand-write
-    msync
+    msync fsync-randwrite fsync-dd fsync-sqlite-rollback fsync-sqlite-wal
     scale-randrw-1 scale-randrw-2 scale-randrw-4
     meta-1dir meta-100dirs smallfiles sqlite git-checkout
 )
+# The workloads whose cost is durability: the host filesystem is their reference (also in report.py).
+FSYNC_WORKLOADS=(msync fsync-randwrite fsync-dd fsync-sqlite-rollback fsync-sqlite-wal)
 if ((LIST)); then
     printf '%s\n' "${ALL_WORKLOADS[@]}"
     exit 0
@@ -89,18 +98,36 @@ done
 ((${#WORKLOADS[@]})) || die "--only '$ONLY' matches no workload (see --list)"
 
 if ((QUICK)); then
-    : "${REPS:=1}" "${IMAGE_SIZE:=256M}" "${TMPFS_SIZE:=512M}" "${JOB_TIMEOUT:=60}"
+    : "${REPS:=1}" "${IMAGE_SIZE:=256M}" "${TMPFS_SIZE:=512M}" "${JOB_TIMEOUT:=60}" "${HOST_MODE:=fsync}"
     export BENCH_FILE_SIZE=32m BENCH_SEQ_CAP=5 BENCH_RUNTIME=500ms BENCH_MSYNC_SIZE=4m BENCH_COLD_IO=4m
     export BENCH_META_N=2000 BENCH_SMALL_N=500 BENCH_SQL_ROWS=2000 BENCH_SQL_BATCH=500
+    export BENCH_SQL_COMMITS=50 BENCH_DD_MB=64 BENCH_FSYNC_SIZE=4m
     GIT_FILES=200
 else
-    : "${REPS:=3}" "${IMAGE_SIZE:=4G}" "${TMPFS_SIZE:=4G}" "${JOB_TIMEOUT:=300}"
+    : "${REPS:=3}" "${IMAGE_SIZE:=4G}" "${TMPFS_SIZE:=4G}" "${JOB_TIMEOUT:=300}" "${HOST_MODE:=all}"
     export BENCH_FILE_SIZE=1g BENCH_SEQ_CAP=20 BENCH_RUNTIME=5s BENCH_MSYNC_SIZE=64m BENCH_COLD_IO=64m
     export BENCH_META_N=100000 BENCH_SMALL_N=20000 BENCH_SQL_ROWS=50000 BENCH_SQL_BATCH=1000
+    export BENCH_SQL_COMMITS=300 BENCH_DD_MB=1024 BENCH_FSYNC_SIZE=64m
     GIT_FILES=3000
 fi
-export BENCH_SQL_MMAP=268435456
+export BENCH_SQL_MMAP=268435456 BENCH_HELPERS=$HELPERS
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
+[[ $HOST_MODE == all || $HOST_MODE == fsync || $HOST_MODE == none ]] || die "--host must be all, fsync or none"
+HOST=1
+[[ $HOST_MODE == none ]] && HOST=0
+# on_host WORKLOAD: whether the workload runs in the host directory too.
+on_host() {
+    ((HOST)) || return 1
+    [[ $HOST_MODE == all ]] && return 0
+    local w
+    for w in "${FSYNC_WORKLOADS[@]}"; do [[ $w == "$1" ]] && return 0; done
+    return 1
+}
+HOST_WORKLOADS=()
+for w in "${WORKLOADS[@]}"; do
+    if on_host "$w"; then HOST_WORKLOADS+=("$w"); fi
+done
+((${#HOST_WORKLOADS[@]})) || HOST=0 # (no host column at all: the two-column output)
 
 [[ $(id -u) == 0 ]] || die "must run as root (mounts, drop_caches)"
 
@@ -131,9 +158,11 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
 fi
 
 # ---------------------------------------------------------------- temp dirs, mounts, cleanup
-TMP="" IMAGE="" IMAGE_DIR_CREATED=0
-FS_NAMES=(tmpfs mmapfs) # A, B: the labels in the results
-MNT_A="" MNT_B=""
+TMP="" IMAGE="" IMAGE_DIR_CREATED=0 HOST_DIR=""
+FS_NAMES=(tmpfs mmapfs host) # A, B, C: the labels in the results
+MNT_A="" MNT_B="" MNT_C=""
+SIDES=(A B)
+((HOST)) && SIDES+=(C)
 MOUNTED_A=0 MOUNTED_B=0 FUSE_CONN="" DAEMON_PID=""
 declare -A DEAD=()
 
@@ -212,9 +241,10 @@ cleanup() {
         fi
     fi
     if ((KEEP)); then
-        log "kept $TMP (image: $IMAGE)"
+        log "kept $TMP (image: $IMAGE${HOST_DIR:+, host directory: $HOST_DIR})"
     else
         if [[ -n $IMAGE ]]; then rm -f "$IMAGE"; fi
+        if [[ -n $HOST_DIR ]]; then rm -rf "$HOST_DIR"; fi
         if ((IMAGE_DIR_CREATED)); then rmdir "$IMAGE_DIR" 2>/dev/null || true; fi
         if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
     fi
@@ -237,6 +267,12 @@ if [[ ! -d $IMAGE_DIR ]]; then
 fi
 IMAGE_DIR=$(cd "$IMAGE_DIR" && pwd)
 IMAGE=$IMAGE_DIR/bench-$STAMP.img
+if ((HOST)); then
+    # The host column: a plain directory next to the image, on the same filesystem and disk.
+    HOST_DIR=$IMAGE_DIR/bench-$STAMP.host
+    MNT_C=$HOST_DIR
+    mkdir -p "$MNT_C/bench"
+fi
 TOOLS=$TMP/tools
 export BENCH_TOOLS=$TOOLS
 mkdir -p "$TOOLS" "$TMP/mnt-tmpfs" "$TMP/mnt-fut"
@@ -270,7 +306,7 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
     log "mmapfs daemon pid: ${DAEMON_PID:-not found}"
     FUSE_CONN=$(awk -v m="$MNT_B" '$5 == m { print $3 }' /proc/self/mountinfo | tail -n 1 | cut -d: -f2)
 else
-    FS_NAMES=(tmpfs tmpfs-standin)
+    FS_NAMES[1]=tmpfs-standin
     mount -t tmpfs -o "size=$TMPFS_SIZE" tmpfs "$MNT_B"
     MOUNTED_B=1
     FSTYPE_B=tmpfs
@@ -292,6 +328,7 @@ META=$RESULTS/meta.txt
     echo "reps=$REPS"
     echo "fs_a=${FS_NAMES[0]}"
     echo "fs_b=${FS_NAMES[1]}"
+    ((HOST)) && echo "fs_c=${FS_NAMES[2]}"
     echo "fs_under_test=$FS_UNDER_TEST"
     echo "git_commit=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "git_dirty=$(if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]]; then echo yes; else echo no; fi)"
@@ -306,6 +343,13 @@ META=$RESULTS/meta.txt
     echo "tmpfs_size=$TMPFS_SIZE"
     echo "image_dir=$IMAGE_DIR"
     echo "image_dir_fs=$(findmnt -n -o FSTYPE,SOURCE --target "$IMAGE_DIR" | tr -s ' ')"
+    if ((HOST)); then
+        echo "host_mode=$HOST_MODE"
+        echo "host_workloads=${HOST_WORKLOADS[*]}"
+        echo "host_dir=$HOST_DIR"
+        echo "host_fs=$(findmnt -n -o FSTYPE,SOURCE --target "$HOST_DIR" | tr -s ' ')"
+        echo "host_mount_opts=$(findmnt -n -o OPTIONS --target "$HOST_DIR")"
+    fi
     echo "image_size=$IMAGE_SIZE"
     echo "mount_threads=${THREADS:-default}"
     echo "mount_opts=${MOUNT_OPTS:-none}"
@@ -321,6 +365,9 @@ META=$RESULTS/meta.txt
     echo "sql_rows=$BENCH_SQL_ROWS"
     echo "sql_batch=$BENCH_SQL_BATCH"
     echo "sql_mmap=$BENCH_SQL_MMAP"
+    echo "sql_commits=$BENCH_SQL_COMMITS"
+    echo "dd_mb=$BENCH_DD_MB"
+    echo "fsync_size=$BENCH_FSYNC_SIZE"
     echo "git_files=$GIT_FILES"
     echo "bdi_dev=$DEV_B"
     echo "bdi_set=${BDI_SETTINGS[*]:-none}"
@@ -364,14 +411,33 @@ python3 "$HELPERS/mkrepo.py" "$GIT_FILES" "$TOOLS/gitsrc"
 
 # ---------------------------------------------------------------- run
 fs_healthy() {
-    local mnt=$1
-    is_mounted "$mnt" && run_bounded 15 stat "$mnt/bench" && run_bounded 15 ls "$mnt/bench"
+    local mnt=$1 side=$2
+    # (the host column is a plain directory, not a mount point)
+    [[ $side == C ]] || is_mounted "$mnt" || return 1
+    run_bounded 15 stat "$mnt/bench" && run_bounded 15 ls "$mnt/bench"
+}
+
+# Write back what the last run left dirty on the disk under the image (the host directory's files and the
+# image's pages), untimed, so that no run pays for the previous run's write-back. syncfs of that filesystem
+# only: the FUSE mount is not asked to sync.
+settle_disk() {
+    local rc=0
+    run_bounded 120 sync -f "$IMAGE_DIR" || rc=$?
+    if ((rc == 124)); then
+        log "warning: sync -f $IMAGE_DIR not done after 120 s"
+    elif ((rc != 0)); then
+        log "warning: sync -f $IMAGE_DIR: exit status $rc"
+    fi
 }
 
 FAILURES=0
 run_one() {
     local wl=$1 side=$2 rep=$3 mnt fs out t0 t1 rc
-    if [[ $side == A ]]; then mnt=$MNT_A; fs=${FS_NAMES[0]}; else mnt=$MNT_B; fs=${FS_NAMES[1]}; fi
+    case $side in
+    A) mnt=$MNT_A fs=${FS_NAMES[0]} ;;
+    B) mnt=$MNT_B fs=${FS_NAMES[1]} ;;
+    C) mnt=$MNT_C fs=${FS_NAMES[2]} ;;
+    esac
     out=$RAW/$wl.$fs.$rep
     if [[ -n ${DEAD[$side]:-} ]]; then
         echo "skipped: $fs is not healthy after an earlier failure (${DEAD[$side]})" >"$out.failed"
@@ -394,7 +460,7 @@ run_one() {
         } >"$out.failed"
         FAILURES=$((FAILURES + 1))
         log "FAILED $wl on $fs (rep $rep): $why; $(tail -n 1 "$out.log" 2>/dev/null)"
-        if ! fs_healthy "$mnt"; then
+        if ! fs_healthy "$mnt" "$side"; then
             DEAD[$side]="$wl rep $rep"
             log "$fs at $mnt is not healthy any more: skipping its remaining workloads"
             # Free the processes blocked in it (they cannot be killed otherwise).
@@ -403,14 +469,17 @@ run_one() {
     else
         log "$wl on $fs (rep $rep): ${secs}s"
     fi
+    if [[ $side != A ]]; then settle_disk; fi
 }
 
 log "results: $RESULTS"
-log "workloads: ${WORKLOADS[*]} | reps: $REPS | ${FS_NAMES[0]} vs ${FS_NAMES[1]}"
+log "workloads: ${WORKLOADS[*]} | reps: $REPS | ${FS_NAMES[0]} vs ${FS_NAMES[1]}$( ((HOST)) && echo " vs ${FS_NAMES[2]} ($MNT_C; $HOST_MODE: ${HOST_WORKLOADS[*]:-none of these})")"
 for ((rep = 1; rep <= REPS; rep++)); do
     for wl in "${WORKLOADS[@]}"; do
-        run_one "$wl" A "$rep"
-        run_one "$wl" B "$rep"
+        for side in "${SIDES[@]}"; do
+            if [[ $side == C ]] && ! on_host "$wl"; then continue; fi
+            run_one "$wl" "$side" "$rep"
+        done
     done
 done
 
@@ -424,6 +493,7 @@ BENCH_NS=$(($(date +%s%N) - START_NS))
 
 # Unmount now (not only in the trap) so that the fsck of the image can run.
 rm -rf "${MNT_A:?}/bench" || true
+if ((HOST)); then rm -rf "${MNT_C:?}/bench" || true; fi
 unmount_one "$MNT_A" 0 && MOUNTED_A=0
 if [[ $FS_UNDER_TEST == mmapfs ]]; then
     if unmount_one "$MNT_B" 1; then

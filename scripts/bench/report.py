@@ -4,13 +4,16 @@
     report.py RESULTS_DIR WORKLOAD...
 
 RESULTS_DIR holds meta.txt (key=value lines written by bench.sh) and raw/<workload>.<fs>.<rep>.json
-(fio JSON output, or the JSON of fsops / the sqlite and git steps) or .failed (why it did not run).
+(fio JSON output, or the JSON of fsops / the sqlite, dd and git steps) or .failed (why it did not run).
 Prints the Markdown table on stdout. Exit status 0, or 1 when a run that exited 0 left output that reports an
 error (e.g. fio's per-job "error") or cannot be parsed; the other failures are counted by bench.sh.
 
 Every figure is the median over the repetitions that ran. The ratio is always "fraction of tmpfs speed"
 (higher is better, 1.0 = as fast as tmpfs): under_test/tmpfs for throughputs, tmpfs/under_test for
-latencies and durations.
+latencies and durations. When meta.txt names a third filesystem (fs_c: the host filesystem under the image,
+absent in results of older versions and with --no-host), each metric also gets its host figures and
+ratio_host, the "fraction of host speed" defined the same way (under_test/host, host/under_test), and the
+fsync-heavy rows are listed against the target of issue 8: within 1.5x of the host (ratio_host >= 1/1.5).
 """
 import html
 import json
@@ -84,6 +87,13 @@ def tool_rate(phase):
     return get
 
 
+def tool_bw(phase):
+    def get(doc):
+        p = doc[phase]
+        return p["bytes"] / MIB / (p["ns"] / 1e9)
+    return get
+
+
 def tool_secs(phase, scale=1.0):
     def get(doc):
         p = doc[phase]
@@ -113,6 +123,15 @@ METRICS = {
         ("msync latency p50", "µs", LOWER, fio_sync_pct("50.000000")),
         ("msync latency p99", "µs", LOWER, fio_sync_pct("99.000000")),
     ],
+    "fsync-randwrite": [
+        ("4 KiB random write + fsync, laid-out file", "IOPS", HIGHER, fio_iops("write")),
+        ("fsync latency p50", "µs", LOWER, fio_sync_pct("50.000000")),
+        ("fsync latency p99", "µs", LOWER, fio_sync_pct("99.000000")),
+    ],
+    "fsync-dd": [("dd bs=1M conv=fsync, new file", "MiB/s", HIGHER, tool_bw("write"))],
+    # (journal_mode=DELETE or WAL: the workload's name says which)
+    "fsync-sqlite-rollback": [("autocommit insert, synchronous=FULL", "commits/s", HIGHER, tool_rate("commit"))],
+    "fsync-sqlite-wal": [("autocommit insert, synchronous=FULL", "commits/s", HIGHER, tool_rate("commit"))],
     "scale-randrw-1": [("4 KiB randrw 50/50, 1 job", "IOPS", HIGHER, fio_iops("read", "write"))],
     "scale-randrw-2": [("4 KiB randrw 50/50, 2 jobs", "IOPS", HIGHER, fio_iops("read", "write"))],
     "scale-randrw-4": [("4 KiB randrw 50/50, 4 jobs", "IOPS", HIGHER, fio_iops("read", "write"))],
@@ -134,6 +153,18 @@ METRICS = {
         ("git status after checkout", "ms", LOWER, tool_secs("status", 1000.0)),
     ],
 }
+
+# The rows whose cost is durability (fsync/msync reaching the disk): their reference is the host filesystem,
+# and issue 8's target is mmapfs within 1.5x of it.
+FSYNC_WORKLOADS = ("msync", "fsync-randwrite", "fsync-dd", "fsync-sqlite-rollback", "fsync-sqlite-wal")
+HOST_TARGET = 1 / 1.5
+
+
+def speed_ratio(under_test, reference, better):
+    """Fraction of the reference's speed: under_test/reference for throughputs, the inverse for latencies."""
+    if under_test is None or reference is None or under_test <= 0 or reference <= 0:
+        return None
+    return under_test / reference if better == HIGHER else reference / under_test
 
 
 def fmt(v, unit=""):
@@ -164,6 +195,9 @@ def main():
     raw = os.path.join(results, "raw")
     meta = load_meta(os.path.join(results, "meta.txt"))
     fs_a, fs_b = meta["fs_a"], meta["fs_b"]
+    fs_c = meta.get("fs_c")  # the host filesystem, or None
+    # the workloads that ran on the host (bench.sh --host fsync runs only the fsync-heavy ones there)
+    host_wls = set(meta["host_workloads"].split()) if "host_workloads" in meta else set(workloads)
     reps = int(meta["reps"])
     standin = meta.get("fs_under_test") != "mmapfs"
 
@@ -171,8 +205,10 @@ def main():
     unparsable = 0
     for wl in workloads:
         specs = METRICS[wl]
-        vals = {fs: [[] for _ in specs] for fs in (fs_a, fs_b)}
-        for fs in (fs_a, fs_b):
+        on_host = bool(fs_c) and wl in host_wls
+        all_fs = (fs_a, fs_b, fs_c) if on_host else (fs_a, fs_b)
+        vals = {fs: [[] for _ in specs] for fs in all_fs}
+        for fs in all_fs:
             for rep in range(1, reps + 1):
                 base = os.path.join(raw, f"{wl}.{fs}.{rep}")
                 if os.path.exists(base + ".failed"):
@@ -192,26 +228,47 @@ def main():
             a, b = vals[fs_a][i], vals[fs_b][i]
             ma = statistics.median(a) if a else None
             mb = statistics.median(b) if b else None
-            ratio = None
-            if ma is not None and mb is not None and ma > 0 and mb > 0:
-                ratio = mb / ma if better == HIGHER else ma / mb
-            metrics.append({
+            m = {
                 "workload": wl, "metric": label, "unit": unit, "better": better,
                 "tmpfs": {"values": a, "median": ma},
                 "under_test": {"values": b, "median": mb},
-                "ratio": ratio,
-            })
+                "ratio": speed_ratio(mb, ma, better),
+                "host": None,
+                "ratio_host": None,
+            }
+            if on_host:
+                c = vals[fs_c][i]
+                mc = statistics.median(c) if c else None
+                m["host"] = {"values": c, "median": mc}
+                m["ratio_host"] = speed_ratio(mb, mc, better)
+            metrics.append(m)
 
     msync = {}
+    sides = (("tmpfs", fs_a), ("under_test", fs_b)) + ((("host", fs_c),) if fs_c else ())
     for m in metrics:
         if m["workload"] == "msync" and m["metric"] == "msync latency p99":
-            for key, fs in (("tmpfs", fs_a), ("under_test", fs_b)):
+            for key, fs in sides:
+                if m[key] is None:
+                    continue
                 p99 = m[key]["median"]
                 msync.setdefault(fs, {}).update(
                     {"p99_us": p99, "p99_below_1ms": (p99 < 1000.0) if p99 is not None else None})
         if m["workload"] == "msync" and m["metric"] == "msync latency p50":
-            for key, fs in (("tmpfs", fs_a), ("under_test", fs_b)):
-                msync.setdefault(fs, {})["p50_us"] = m[key]["median"]
+            for key, fs in sides:
+                if m[key] is not None:
+                    msync.setdefault(fs, {})["p50_us"] = m[key]["median"]
+
+    fsync = []
+    if fs_c:
+        for m in metrics:
+            if m["workload"] in FSYNC_WORKLOADS and m["host"] is not None:
+                r = m["ratio_host"]
+                fsync.append({
+                    "workload": m["workload"], "metric": m["metric"], "unit": m["unit"], "better": m["better"],
+                    "tmpfs": m["tmpfs"]["median"], "under_test": m["under_test"]["median"],
+                    "host": m["host"]["median"], "ratio_host": r, "target_ratio_host": HOST_TARGET,
+                    "within_target": (r >= HOST_TARGET) if r is not None else None,
+                })
 
     bdi = {k[4:]: v for k, v in meta.items() if k.startswith("bdi.")}
     doc = {
@@ -219,10 +276,16 @@ def main():
         "tmpfs_name": fs_a,
         "under_test_name": fs_b,
         "under_test_is_standin": standin,
+        "host_name": fs_c,
+        "host_fs": meta.get("host_fs") if fs_c else None,
         "ratio_definition": "fraction of tmpfs speed, higher is better, 1.0 = tmpfs speed "
                             "(under_test/tmpfs for throughputs, tmpfs/under_test for latencies and durations)",
+        "ratio_host_definition": "fraction of host speed, higher is better, 1.0 = host speed "
+                                 "(under_test/host for throughputs, host/under_test for latencies and durations); "
+                                 "null without a host column",
         "metrics": metrics,
         "msync": msync,
+        "fsync": fsync,
         "bdi": bdi,
         "failures": failures,
     }
@@ -230,11 +293,11 @@ def main():
         json.dump(doc, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    md = markdown(doc, meta, fs_a, fs_b, standin)
+    md = markdown(doc, meta, fs_a, fs_b, fs_c, standin)
     with open(os.path.join(results, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(results, "chart.svg"), "w") as f:
-        f.write(chart(metrics, meta, fs_a, fs_b, standin))
+        f.write(chart(metrics, meta, fs_a, fs_b, fs_c, standin))
     sys.stdout.write(md)
     if unparsable:
         print(f"report.py: {unparsable} run(s) exited 0 but their output reports an error or cannot be read",
@@ -242,9 +305,9 @@ def main():
         sys.exit(1)
 
 
-def markdown(doc, meta, fs_a, fs_b, standin):
+def markdown(doc, meta, fs_a, fs_b, fs_c, standin):
     out = []
-    title = f"# mmapfs benchmark: {fs_b} vs {fs_a}"
+    title = f"# mmapfs benchmark: {fs_b} vs {fs_a}" + (f" and {fs_c}" if fs_c else "")
     out.append(title)
     out.append("")
     if standin:
@@ -265,25 +328,59 @@ def markdown(doc, meta, fs_a, fs_b, standin):
                f"tmpfs size {meta.get('tmpfs_size')}. Big file {meta.get('file_size')}, time-based jobs "
                f"{meta.get('runtime')}.")
     out.append("")
+    if fs_c:
+        which = ""
+        if meta.get("host_mode") == "fsync":
+            which = " Only the fsync-heavy workloads ran there (`--host fsync`, the default of `--quick`)."
+        out.append(f"`{fs_c}`: a plain directory on the filesystem that holds the image, `{meta.get('host_dir')}` "
+                   f"({meta.get('host_fs')}, {meta.get('host_mount_opts')}), the physical limit for anything that "
+                   f"must reach the disk.{which}")
+        out.append("")
     ratio_col = f"{fs_b}/{fs_a} speed"
-    out.append(f"| workload | metric | {fs_a} | {fs_b} | {ratio_col} |")
-    out.append("|---|---|---:|---:|---:|")
+    head = f"| workload | metric | {fs_a} | {fs_b} | {ratio_col} |"
+    rule = "|---|---|---:|---:|---:|"
+    if fs_c:
+        head += f" {fs_c} | {fs_b}/{fs_c} speed |"
+        rule += "---:|---:|"
+    out.append(head)
+    out.append(rule)
     for m in doc["metrics"]:
         unit = m["unit"]
         cells = []
-        for key in ("tmpfs", "under_test"):
+        for key in ("tmpfs", "under_test") + (("host",) if fs_c else ()):
             s = m[key]
+            if s is None:
+                cells.append("not run")
+                continue
             cell = fmt(s["median"], unit) if s["values"] else "FAILED"
             n = len(s["values"])
             if s["values"] and n < int(meta["reps"]):
                 cell += f" ({n}/{meta['reps']} reps)"
             cells.append(cell)
         arrow = "" if m["better"] == HIGHER else " (lower is better)"
-        out.append(f"| {m['workload']} | {m['metric']}{arrow} | {cells[0]} | {cells[1]} | {fmt_ratio(m['ratio'])} |")
+        row = f"| {m['workload']} | {m['metric']}{arrow} | {cells[0]} | {cells[1]} | {fmt_ratio(m['ratio'])} |"
+        if fs_c:
+            row += f" {cells[2]} | {fmt_ratio(m['ratio_host'])} |"
+        out.append(row)
     out.append("")
     out.append(f"Ratio = fraction of {fs_a} speed: higher is better, 1.00 = as fast as {fs_a} "
                f"({fs_b}/{fs_a} for throughputs, {fs_a}/{fs_b} for latencies and durations).")
+    if fs_c:
+        out.append(f"The last column is the same against {fs_c}: the fraction of {fs_c} speed "
+                   f"({fs_b}/{fs_c} for throughputs, {fs_c}/{fs_b} for latencies and durations).")
     out.append("")
+    if doc["fsync"]:
+        out.append(f"fsync-heavy rows against {fs_c} (target: {fs_b} within 1.5x of {fs_c}, "
+                   f"i.e. {fs_b}/{fs_c} speed >= {HOST_TARGET:.2f}):")
+        out.append("")
+        for f in doc["fsync"]:
+            r = f["ratio_host"]
+            verdict = "n/a" if r is None else ("yes" if f["within_target"] else "no")
+            arrow = "" if f["better"] == HIGHER else " (lower is better)"
+            out.append(f"- {f['workload']}, {f['metric']}{arrow}: {fs_c} {fmt(f['host'], f['unit'])}, "
+                       f"{fs_b} {fmt(f['under_test'], f['unit'])}, {fs_b}/{fs_c} speed {fmt_ratio(r)}, "
+                       f"within 1.5x: **{verdict}**")
+        out.append("")
     if doc["msync"]:
         out.append("msync (every 4 KiB store followed by msync(MS_SYNC)), fio sync latency:")
         out.append("")
@@ -325,11 +422,14 @@ def markdown(doc, meta, fs_a, fs_b, standin):
     return "\n".join(out)
 
 
-def chart(metrics, meta, fs_a, fs_b, standin):
+def chart(metrics, meta, fs_a, fs_b, fs_c, standin):
     rows = [m for m in metrics]
     label_w, bar_w, row_h, top, bottom = 380, 520, 22, 70, 50
+    if fs_c:
+        row_h, bottom = 30, 66
     width = label_w + bar_w + 90
     height = top + row_h * len(rows) + bottom
+    # (the axis follows the tmpfs ratios only; a longer host bar is cut at the edge, its label gives the value)
     ratios = [m["ratio"] for m in rows if m["ratio"] is not None]
     xmax = max([1.0] + ratios) * 1.08
     # round the axis up to a nice value
@@ -362,22 +462,36 @@ def chart(metrics, meta, fs_a, fs_b, standin):
                  f'{v:.2g}</text>')
     for i, m in enumerate(rows):
         y = top + i * row_h
+        ty = y + 22 * 0.68  # text baseline of the tmpfs bar (bar: 16 px high, 3 px below the row's top)
         label = f"{m['workload']}: {m['metric']}"
-        s.append(f'<text x="{label_w - 8}" y="{y + row_h * 0.68:.1f}" text-anchor="end">{e(label)}</text>')
+        s.append(f'<text x="{label_w - 8}" y="{ty:.1f}" text-anchor="end">{e(label)}</text>')
         r = m["ratio"]
         if r is None:
-            s.append(f'<text x="{label_w + 4}" y="{y + row_h * 0.68:.1f}" fill="#b00">failed / not run</text>')
-            continue
-        color = "#2e7d32" if r >= 0.8 else ("#f9a825" if r >= 0.3 else "#c62828")
-        s.append(f'<rect x="{label_w}" y="{y + 3}" width="{max(x(r) - label_w, 1):.1f}" height="{row_h - 6}" '
-                 f'fill="{color}"><title>{e(label)}: {fmt_ratio(r)}</title></rect>')
-        s.append(f'<text x="{x(r) + 4:.1f}" y="{y + row_h * 0.68:.1f}">{fmt_ratio(r)}</text>')
+            s.append(f'<text x="{label_w + 4}" y="{ty:.1f}" fill="#b00">failed / not run</text>')
+        else:
+            color = "#2e7d32" if r >= 0.8 else ("#f9a825" if r >= 0.3 else "#c62828")
+            s.append(f'<rect x="{label_w}" y="{y + 3}" width="{max(x(r) - label_w, 1):.1f}" height="16" '
+                     f'fill="{color}"><title>{e(label)}: {fmt_ratio(r)}</title></rect>')
+            s.append(f'<text x="{x(r) + 4:.1f}" y="{ty:.1f}">{fmt_ratio(r)}</text>')
+        if fs_c and m["host"] is not None:
+            rh = m["ratio_host"]
+            if rh is None:
+                s.append(f'<text x="{label_w + 4}" y="{y + 27:.1f}" font-size="9" fill="#b00">'
+                         f'{e(fs_c)}: failed / not run</text>')
+                continue
+            s.append(f'<rect x="{label_w}" y="{y + 21}" width="{max(x(rh) - label_w, 1):.1f}" height="6" '
+                     f'fill="#1565c0"><title>{e(label)}: {e(fs_b)}/{e(fs_c)} {fmt_ratio(rh)}</title></rect>')
+            s.append(f'<text x="{x(rh) + 4:.1f}" y="{y + 28:.1f}" font-size="9" fill="#1565c0">'
+                     f'{fmt_ratio(rh)}{" ▸" if rh > xmax else ""}</text>')
     one = x(1.0)
     s.append(f'<line x1="{one:.1f}" y1="{top - 8}" x2="{one:.1f}" y2="{top + row_h * len(rows)}" '
              f'stroke="#000" stroke-dasharray="4 3"/>')
     s.append(f'<text x="{one:.1f}" y="{top - 12}" text-anchor="middle">1.0 = {e(fs_a)}</text>')
     s.append(f'<text x="{label_w}" y="{height - 10}" fill="#555">ratio: {e(fs_b)}/{e(fs_a)} for throughputs, '
              f'{e(fs_a)}/{e(fs_b)} for latencies and durations</text>')
+    if fs_c:
+        s.append(f'<text x="{label_w}" y="{height - 28}" fill="#1565c0">thin blue bars: {e(fs_b)}/{e(fs_c)} '
+                 f'(fraction of {e(fs_c)} speed, same axis; ▸ = beyond the axis)</text>')
     s.append("</svg>")
     return "\n".join(s) + "\n"
 

@@ -3,7 +3,7 @@
 #
 #   workload.sh WORKLOAD DIR OUT
 #
-# Writes OUT.json (fio JSON output, or the JSON of fsops/sqlite/git timings) and logs to stderr.
+# Writes OUT.json (fio JSON output, or the JSON of fsops/sqlite/dd/git timings) and logs to stderr.
 # Configuration comes from the environment (exported by bench.sh):
 #   BENCH_FILE_SIZE   size of the big file for sequential/random jobs (fio syntax, e.g. 1g)
 #   BENCH_SEQ_CAP     runtime cap of the sequential jobs, seconds
@@ -14,7 +14,11 @@
 #   BENCH_SMALL_N     number of files of the small-file job
 #   BENCH_SQL_ROWS / BENCH_SQL_BATCH   SQLite rows and rows per transaction
 #   BENCH_SQL_MMAP    PRAGMA mmap_size in bytes
+#   BENCH_SQL_COMMITS number of autocommit inserts of the fsync-sqlite-* jobs
+#   BENCH_DD_MB       MiB written by the fsync-dd job
+#   BENCH_FSYNC_SIZE  size of the laid-out file of the fsync-randwrite job (fio syntax)
 #   BENCH_TOOLS       directory holding fsops, the SQL scripts and the git source repository
+#   BENCH_HELPERS     directory of the helper scripts (sqlite_commits.py); default: this script's directory
 set -euo pipefail
 
 wl=$1
@@ -23,7 +27,8 @@ out=$3
 
 : "${BENCH_FILE_SIZE:?}" "${BENCH_SEQ_CAP:?}" "${BENCH_RUNTIME:?}" "${BENCH_MSYNC_SIZE:?}" "${BENCH_COLD_IO:?}"
 : "${BENCH_META_N:?}" "${BENCH_SMALL_N:?}" "${BENCH_SQL_ROWS:?}" "${BENCH_SQL_BATCH:?}"
-: "${BENCH_SQL_MMAP:?}" "${BENCH_TOOLS:?}"
+: "${BENCH_SQL_MMAP:?}" "${BENCH_TOOLS:?}" "${BENCH_SQL_COMMITS:?}" "${BENCH_DD_MB:?}" "${BENCH_FSYNC_SIZE:?}"
+: "${BENCH_HELPERS:=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 
 now_ns() { date +%s%N; }
 
@@ -61,7 +66,7 @@ rand_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --time_based --runtime="$
 cold_rand_args=(--filename="$big" --size="$BENCH_FILE_SIZE" --io_size="$BENCH_COLD_IO" --runtime="$BENCH_SEQ_CAP")
 
 case $wl in
-seq-write-cold | msync | meta-* | smallfiles | sqlite | git-checkout) ;;
+seq-write-cold | msync | fsync-* | meta-* | smallfiles | sqlite | git-checkout) ;;
 *) ensure_big ;;
 esac
 
@@ -118,6 +123,40 @@ mmap-rand-write)
 msync)
     fio_run "$wl" --filename="$dir/msync.dat" --size="$BENCH_MSYNC_SIZE" --time_based \
         --runtime="$BENCH_RUNTIME" --ioengine=mmap --rw=randwrite --bs=4k --fsync=1
+    ;;
+# ---- fsync-heavy: durability at the price of the disk (compare with the host filesystem column) ----
+# 4 KiB random writes (psync), each followed by fsync, on a file laid out and fsynced first (untimed)
+fsync-randwrite)
+    f=$dir/fsync.dat
+    rm -f "$f"
+    fio --output=/dev/null --name=prepare --filename="$f" --size="$BENCH_FSYNC_SIZE" --rw=write --bs=1m \
+        --ioengine=psync --fallocate=none --end_fsync=1 >&2
+    fio_run "$wl" --filename="$f" --size="$BENCH_FSYNC_SIZE" --time_based --runtime="$BENCH_RUNTIME" \
+        --rw=randwrite --bs=4k --fsync=1
+    rm -f "$f"
+    ;;
+# dd of a new file, 1 MiB blocks, conv=fsync: timed from the start of dd to the end of its final fsync
+fsync-dd)
+    f=$dir/dd.dat
+    rm -f "$f"
+    t0=$(now_ns)
+    dd if=/dev/zero of="$f" bs=1M count="$BENCH_DD_MB" conv=fsync
+    t1=$(now_ns)
+    bytes=$(stat -c %s "$f")
+    if ((bytes != BENCH_DD_MB * 1048576)); then
+        echo "dd: $f has $bytes bytes, want $((BENCH_DD_MB * 1048576))" >&2
+        exit 1
+    fi
+    printf '{"write": {"bytes": %s, "ns": %s}}\n' "$bytes" "$((t1 - t0))" >"$out.json"
+    rm -f "$f"
+    ;;
+# SQLite, every INSERT its own transaction (autocommit), synchronous=FULL; rollback journal or WAL
+fsync-sqlite-rollback | fsync-sqlite-wal)
+    mode=delete
+    [[ $wl == fsync-sqlite-wal ]] && mode=wal
+    python3 "$BENCH_HELPERS/sqlite_commits.py" "$dir/commits.sqlite" "$mode" full "$BENCH_SQL_COMMITS" \
+        >"$out.json.tmp"
+    mv "$out.json.tmp" "$out.json"
     ;;
 # ---- scale: 1, 2, 4 concurrent jobs, 4 KiB random read/write 50/50 on one shared file ----
 scale-randrw-1 | scale-randrw-2 | scale-randrw-4)
