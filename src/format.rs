@@ -133,7 +133,9 @@ pub const RO_COMPAT_SUPPORTED: u32 = 0;
 /// Entries in a superblock's inline commit list.
 pub const COMMIT_LIST_MAX: usize = 298;
 
-/// One block written by a single-flush commit and the CRC-32C of its 4096 bytes.
+/// One block written by a single-flush commit and its CRC-32C: for a metadata block the
+/// checksum in its trailer (of bytes `0..4092`), for a data block (`block` has bit 63 set) of
+/// all its 4096 bytes.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct ListEntry {

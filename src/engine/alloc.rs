@@ -120,7 +120,13 @@ pub(super) struct Space {
     pub free_blocks: u64,
     /// Packed space tree of the committed bitmaps.
     pub tree: u64,
+    /// Where data allocation searches next (next fit: files stay contiguous).
     pub cursor: u64,
+    /// Where metadata allocation searches next (first fit from the start of the image, moved
+    /// back when freed blocks become reusable): copies made by copy-on-write recycle blocks
+    /// the host file has already written, which flush faster than never-written (fallocated)
+    /// space, and stay close together.
+    meta_cursor: u64,
     /// Blocks promised to running operations.
     reserved: u64,
     /// Allocated by the running transaction (bits not yet set).
@@ -148,6 +154,7 @@ impl Space {
             free_blocks: sb.free_blocks.get(),
             tree: sb.space_tree.get(),
             cursor: sb.alloc_cursor.get(),
+            meta_cursor: 2,
             reserved: 0,
             allocated: Extents::default(),
             freed: Extents::default(),
@@ -289,12 +296,13 @@ impl Engine {
     ) -> Result<(u64, u64)> {
         let want = want.clamp(1, GROUP_BLOCKS);
         let mut start = None;
-        if goal >= 2 && goal < sp.total_blocks && self.is_free(sp, goal)? {
+        if data && goal >= 2 && goal < sp.total_blocks && self.is_free(sp, goal)? {
             start = Some(goal);
         }
         if start.is_none() {
             let total = sp.total_blocks;
-            let cursor = if sp.cursor >= total { 2 } else { sp.cursor };
+            let from = if data { sp.cursor } else { sp.meta_cursor };
+            let cursor = if from >= total { 2 } else { from };
             start = match self.scan(sp, cursor, total)? {
                 Some(s) => Some(s),
                 None => self.scan(sp, 2, cursor)?,
@@ -329,7 +337,11 @@ impl Engine {
             sp.pages.extend(start..start + len);
         }
         sp.free_blocks = sp.free_blocks.saturating_sub(len);
-        sp.cursor = start + len;
+        if data {
+            sp.cursor = start + len;
+        } else {
+            sp.meta_cursor = start + len;
+        }
         sp.dirty = true;
         let take = (*reserved).min(len);
         *reserved -= take;
@@ -451,6 +463,7 @@ impl Engine {
             if let Some((_, list)) = sp.frozen_by_txn.pop_front() {
                 for (s, l) in list {
                     sp.frozen.remove(s, l);
+                    sp.meta_cursor = sp.meta_cursor.min(s);
                 }
             }
         }

@@ -40,14 +40,22 @@ impl Pending {
         self.ranges.is_empty() && !self.all
     }
 
-    /// Writes the ranges back and waits (no device flush: the commit or flush that follows
-    /// makes them durable).
-    pub fn write_back(&self, e: &Engine) -> Result<()> {
+    /// Starts writing the ranges back (see [`Pending::wait`]).
+    pub fn start(&self, e: &Engine) -> Result<()> {
         if self.all {
-            return Ok(e.img.write_back(0, e.img.len())?);
+            return Ok(e.img.start_write_back(0, e.img.len())?);
         }
         for &(s, l) in &self.ranges {
             e.img.start_write_back(block_off(s), l * BLOCK_SIZE)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the ranges back and waits for the writes (no device flush: the commit or flush
+    /// that follows makes them durable).
+    pub fn wait(&self, e: &Engine) -> Result<()> {
+        if self.all {
+            return Ok(e.img.write_back(0, e.img.len())?);
         }
         for &(s, l) in &self.ranges {
             e.img.write_back(block_off(s), l * BLOCK_SIZE)?;

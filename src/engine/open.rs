@@ -190,14 +190,20 @@ fn verify_list(file: &File, sb: &Superblock) -> Verdict {
     for e in entries {
         let raw = e.block.get();
         let block = raw & !LIST_DATA_FLAG;
-        let ok = block < MAX_BLOCKS
-            && file.read_exact_at(&mut buf, block_off(block)).is_ok()
-            && crc32c::crc32c(&buf) == e.crc.get();
-        if !ok {
-            if raw & LIST_DATA_FLAG == 0 {
-                return Verdict::Torn(block);
+        let read = block < MAX_BLOCKS && file.read_exact_at(&mut buf, block_off(block)).is_ok();
+        if raw & LIST_DATA_FLAG != 0 {
+            if !read || crc32c::crc32c(&buf) != e.crc.get() {
+                data_differs.get_or_insert(block);
             }
-            data_differs.get_or_insert(block);
+            continue;
+        }
+        // A metadata block: the version this commit wrote (its checksum and its birth).
+        let trailer = Trailer::read_from_bytes(&buf[TRAILER_OFFSET..]).ok();
+        let ok = read
+            && block_checksum(&buf) == e.crc.get()
+            && trailer.is_some_and(|t| t.birth.get() == sb.txn.get());
+        if !ok {
+            return Verdict::Torn(block);
         }
     }
     match data_differs {

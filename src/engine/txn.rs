@@ -21,6 +21,7 @@ use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use zerocopy::IntoBytes;
 
 use super::alloc::Extents;
+use super::data::Pending;
 use super::pager::Blocks;
 use super::{Engine, block_off};
 use crate::error::{Error, Result};
@@ -286,14 +287,15 @@ impl Engine {
     }
 
     /// Closes the running transaction and makes it durable. `final_state`: the superblock state
-    /// to record (clean unmount). Returns whether there was anything to commit. The caller is
-    /// the leader (`busy` set).
-    fn commit(&self, final_state: Option<u32>) -> Result<bool> {
+    /// to record (clean unmount). `data`: an fsync's data, whose write-back was started and is
+    /// waited for with the commit's own blocks (one wait, one flush). Returns whether there was
+    /// anything to commit. The caller is the leader (`busy` set).
+    fn commit(&self, final_state: Option<u32>, data: Option<&Pending>) -> Result<bool> {
         self.check_fatal()?;
         let Some(cut) = self.cut(final_state)? else {
             return Ok(false);
         };
-        let slot = self.write_cut(&cut).inspect_err(|e| {
+        let slot = self.write_cut(&cut, data).inspect_err(|e| {
             log::error!(
                 "commit of transaction {} failed: {e}; nothing more is committed until a remount",
                 cut.id
@@ -364,7 +366,7 @@ impl Engine {
     /// the device in the same batch; recovery trusts it only if they all match. Two flushes
     /// (commits too large for the list): the blocks are durable before the superblock is
     /// written.
-    fn write_cut(&self, cut: &Cut) -> Result<u64> {
+    fn write_cut(&self, cut: &Cut, data: Option<&Pending>) -> Result<u64> {
         let mut list: Vec<ListEntry> = Vec::new();
         for &p in &cut.pages {
             let crc = self.seal_block(p)?;
@@ -398,6 +400,9 @@ impl Engine {
         let runs = coalesce(runs);
         for &(s, l) in &runs {
             self.img.start_write_back(block_off(s), l * BLOCK_SIZE)?;
+        }
+        if let Some(d) = data {
+            d.wait(self)?;
         }
         for &(s, l) in &runs {
             self.img.write_back(block_off(s), l * BLOCK_SIZE)?;
@@ -465,36 +470,51 @@ impl Engine {
         r
     }
 
-    /// Waits until transaction `need` is durable and, with `need_flush`, until a flush that
-    /// started after this call has completed; commits or flushes itself when no one else does.
-    fn wait_durable(&self, need: u64, need_flush: bool) -> Result<()> {
+    /// Waits until transaction `need` is durable and `data` (whose write-back was started)
+    /// is on the device with a flush after it; commits or flushes itself when no one else
+    /// does. As the leader it waits for `data` together with the commit's own blocks.
+    fn wait_durable(&self, need: u64, data: &Pending) -> Result<()> {
         let mut st = self.txm.state.lock();
-        let after = st.flushes_started;
+        // Set once `data` is known written: flushes started after this index make it durable.
+        let mut after = data.is_empty().then_some(st.flushes_started);
         loop {
-            let flushed = !need_flush || st.flushes_done > after;
-            if st.durable >= need && flushed {
-                return Ok(());
-            }
             if let Some(errno) = st.fatal {
                 return Err(Error::Io(io::Error::from_raw_os_error(errno)));
             }
+            if let Some(a) = after
+                && st.durable >= need
+                && (data.is_empty() || st.flushes_done > a)
+            {
+                return Ok(());
+            }
             if st.busy {
-                self.txm.cv.wait(&mut st);
+                if after.is_none() {
+                    // Another thread flushes: wait for our data ourselves so that the next
+                    // flush covers it.
+                    drop(st);
+                    data.wait(self)?;
+                    st = self.txm.state.lock();
+                    after = Some(st.flushes_started);
+                } else {
+                    self.txm.cv.wait(&mut st);
+                }
                 continue;
             }
             let commit_needed = need > st.durable;
-            let committed = self.lead(st, || {
-                if commit_needed && self.commit(None)? {
-                    return Ok(true);
-                }
-                self.img.flush(0, 0)?;
-                Ok(false)
-            });
-            if let (Ok(false), true) = (&committed, commit_needed) {
-                // Nothing was left to commit: what `need` names is already in a durable state.
-                return Ok(());
-            }
-            st = self.txm.state.lock();
+            let data_to_wait = after.is_none().then_some(data);
+            // Leading: our data is written before the flush this thread issues.
+            return self
+                .lead(st, || {
+                    if commit_needed && self.commit(None, data_to_wait)? {
+                        return Ok(true);
+                    }
+                    if let Some(d) = data_to_wait {
+                        d.wait(self)?;
+                    }
+                    self.img.flush(0, 0)?;
+                    Ok(false)
+                })
+                .map(|_| ());
         }
     }
 
@@ -504,9 +524,9 @@ impl Engine {
         let _flush = self.txm.flush_locks[(ino % FLUSH_LOCKS as u64) as usize].lock();
         let pending = self.take_dirty_data(ino);
         let r = (|| {
-            pending.write_back(self)?;
+            pending.start(self)?;
             let need = self.last_change(ino, datasync);
-            self.wait_durable(need, !pending.is_empty())
+            self.wait_durable(need, &pending)
         })();
         if r.is_err() {
             pending.restore(self, ino);
@@ -516,7 +536,7 @@ impl Engine {
 
     /// Commits whatever the running transaction changed (two flushes: nobody waits).
     pub fn commit_now(&self) -> Result<()> {
-        self.as_leader(|| self.commit(None)).map(|_| ())
+        self.as_leader(|| self.commit(None, None)).map(|_| ())
     }
 
     /// Flushes everything and marks the image clean (unmount).
@@ -525,7 +545,7 @@ impl Engine {
         if !self.writable() {
             return Ok(());
         }
-        self.as_leader(|| self.commit(Some(STATE_CLEAN)))?;
+        self.as_leader(|| self.commit(Some(STATE_CLEAN), None))?;
         self.img.sync_all()?;
         Ok(())
     }
