@@ -69,6 +69,14 @@ enum Verb {
     },
     /// Show the superblock, capacity, usage and state.
     Info { image: PathBuf },
+    /// Convert a format-version-1 image to the current format, in place; the original is kept
+    /// as IMAGE.v1.
+    Upgrade {
+        image: PathBuf,
+        /// Do not keep the version-1 image.
+        #[arg(long)]
+        no_backup: bool,
+    },
 }
 
 /// Parses `16M`, `4G`, `512k`, `1T`, `4096`, with optional `B`/`iB`.
@@ -132,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Verb::Fsck { image, repair } => fsck(&image, repair),
         Verb::Info { image } => info(&image),
+        Verb::Upgrade { image, no_backup } => upgrade(&image, !no_backup),
     }
 }
 
@@ -207,6 +216,30 @@ fn fsck(image: &Path, repair: bool) -> ExitCode {
             }
         }
         Err(e) => fail(format!("{}: {e}", image.display())),
+    }
+}
+
+fn upgrade(image: &Path, keep_backup: bool) -> ExitCode {
+    match crate::upgrade::upgrade(image, keep_backup) {
+        Ok(s) => {
+            for line in &s.skipped {
+                println!("skipped: {line}");
+            }
+            println!(
+                "upgraded {} to format version {FORMAT_VERSION}: {} files, {} directories, {} \
+                 bytes of data{}",
+                image.display(),
+                s.files,
+                s.directories,
+                s.bytes,
+                match &s.backup {
+                    Some(b) => format!("; the version-1 image is kept as {}", b.display()),
+                    None => String::new(),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
 

@@ -985,6 +985,16 @@ impl Fs {
         }
     }
 
+    /// Sets a file's creation time (restoring an image: `mmapfs upgrade`).
+    pub fn set_birth_time(&self, ino: u64, t: Time) -> Result<()> {
+        let tx = self.engine.begin(OP_BLOCKS)?;
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        rec.btime_sec = t.sec.into();
+        rec.btime_nsec = t.nsec.into();
+        self.engine.write_inode(&tx, ino, &mut rec)
+    }
+
     pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
         self.engine.sync_inode(ino, datasync)
     }

@@ -16,5 +16,6 @@ pub mod fs;
 pub mod fuse;
 #[allow(unsafe_code)]
 pub mod image;
+pub mod upgrade;
 pub mod v1;
 pub mod workers;
