@@ -1,6 +1,7 @@
 //! On-image structures of format version 2: little-endian, fixed layout, checksummed.
-//! `docs/format.md` is the byte-level specification; every size and offset it names is asserted
-//! here at compile time. `docs/design/transactions.md` explains how the structures change.
+//! `docs/format.md` is the byte-level specification; struct sizes (and the offsets the code
+//! relies on) are asserted here at compile time, field offsets follow from `#[repr(C)]` with
+//! unaligned fields. `docs/design/transactions.md` explains how the structures change.
 //!
 //! Invariants that double as fsck rules:
 //! - Blocks 0 and 1 are the two superblock slots; the valid one with the higher `txn` is the
@@ -132,6 +133,9 @@ pub const RO_COMPAT_SUPPORTED: u32 = 0;
 
 /// Entries in a superblock's inline commit list.
 pub const COMMIT_LIST_MAX: usize = 298;
+
+/// Commit-list entries with this bit set in `block` name data blocks.
+pub const LIST_DATA_FLAG: u64 = 1 << 63;
 
 /// One block written by a single-flush commit and its CRC-32C: for a metadata block the
 /// checksum in its trailer (of bytes `0..4092`), for a data block (`block` has bit 63 set) of

@@ -279,7 +279,8 @@ impl Fs {
         Ok(rec)
     }
 
-    /// The kernel gained a reference to `ino` (an entry reply). Counted in the inode record.
+    /// The kernel gained a reference to `ino` (an entry reply). Counted in the engine's
+    /// volatile per-inode table, not on the image.
     fn add_lookup(&self, ino: u64) -> Result<()> {
         self.engine.add_kernel_refs(ino, 1).map(|_| ())
     }

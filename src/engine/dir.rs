@@ -18,7 +18,7 @@ use super::{Engine, block_off};
 use crate::error::{Error, Result};
 use crate::format::*;
 
-/// Index slots in a new index (one block).
+/// Index slots in a new index (a power of two; two blocks of 510 slots).
 const MIN_INDEX_SLOTS: u64 = 512;
 /// Largest offset the 32-bit entry reference in an index slot can name.
 const ENTRIES_LIMIT: u64 = (u32::MAX as u64 - 1) * 8;
@@ -330,7 +330,31 @@ impl Engine {
         Ok(f.ino)
     }
 
-    /// Calls `f` for each live entry from byte offset `from`, until it returns `false`.
+    /// Whether a valid record (or the end mark of a block, or a hole) starts at `off`.
+    fn record_starts_at(&self, dir: &Inode, off: u64) -> Result<bool> {
+        if off % 8 != 0 {
+            return Ok(false);
+        }
+        if off % BLOCK_SIZE + DIRENT_HEADER_SIZE > PAYLOAD_SIZE {
+            return Ok(true);
+        }
+        let Some(hb) = self.dir_bytes(dir, off, DIRENT_HEADER_SIZE as usize)? else {
+            return Ok(true);
+        };
+        let h = DirentHeader::read_from_bytes(hb).map_err(|_| Error::corrupt("dirent"))?;
+        if h.rec_len.get() == 0 {
+            return Ok(true);
+        }
+        if !plausible_record(&h, off % BLOCK_SIZE) {
+            return Ok(false);
+        }
+        let name = self.dir_bytes(dir, off + DIRENT_HEADER_SIZE, usize::from(h.name_len))?;
+        Ok(name.is_some_and(|n| dirent_checksum(&h, n) == h.checksum.get()))
+    }
+
+    /// Calls `f` for each live entry from byte offset `from`, until it returns `false`. A
+    /// `from` that is no record's start (a stale readdir position: the directory was emptied
+    /// and refilled since) resumes at the next block rather than reading a record's middle.
     pub fn dir_for_each(
         &self,
         dir: &Inode,
@@ -339,6 +363,9 @@ impl Engine {
     ) -> Result<()> {
         let end = dir.dir_entries_end.get().min(DIR_ENTRY_BLOCKS * BLOCK_SIZE);
         let mut off = from;
+        if from > 0 && from < end && !self.record_starts_at(dir, from)? {
+            off = (from / BLOCK_SIZE + 1) * BLOCK_SIZE;
+        }
         while off < end {
             match self.read_record(dir, off)? {
                 None => off = (off / BLOCK_SIZE + 1) * BLOCK_SIZE,

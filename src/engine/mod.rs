@@ -44,7 +44,7 @@ pub use data::DataRun;
 pub use dir::DirEntry;
 pub use open::{OpenError, OpenMode, Recovery};
 pub use tree::Run;
-pub use txn::Tx;
+pub use txn::{DEFAULT_COMMIT_INTERVAL, Tx};
 pub use xattr::SetMode;
 
 /// Number of inode lock stripes (inode `n` uses stripe `n % LOCK_STRIPES`).
@@ -155,6 +155,11 @@ impl Engine {
     /// Whether damage was seen since open.
     pub fn has_errors(&self) -> bool {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// A repair left the image consistent: the next commit may record it clean again.
+    pub fn clear_errors(&self) {
+        self.errors.store(false, Ordering::Relaxed);
     }
 
     // ----- locks ------------------------------------------------------------------------------

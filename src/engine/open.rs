@@ -17,7 +17,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::alloc::Space;
 use super::inode::ItabState;
-use super::txn::{LIST_DATA_FLAG, TxnManager};
+use super::txn::TxnManager;
 use super::{Engine, LOCK_STRIPES, block_off, now, set_all_times_now};
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -65,7 +65,7 @@ pub struct Recovery {
     pub rolled_back: Option<String>,
     /// A problem with the other slot worth telling (damaged, unreadable).
     pub other_slot: Option<String>,
-    /// Orphans freed at mount (or, for inspection, waiting to be freed).
+    /// Orphans found (freed once the mount is live, or by `fsck --repair`).
     pub orphans: u64,
     /// The file's length was changed to match the state: (old, new) in bytes.
     pub resized: Option<(u64, u64)>,
@@ -129,6 +129,9 @@ fn read_slot(file: &File, slot: u64) -> Slot {
     }
     if sb.incompat.get() & !INCOMPAT_SUPPORTED != 0 {
         return Slot::Invalid(SlotProblem::Features(sb.incompat.get()));
+    }
+    if sb.ro_compat.get() & !RO_COMPAT_SUPPORTED != 0 {
+        return Slot::Invalid(SlotProblem::Features(sb.ro_compat.get()));
     }
     match sanity(&sb) {
         Ok(()) => Slot::Valid(Box::new(sb)),
@@ -235,6 +238,13 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
             Slot::Invalid(_) => None,
         })
         .collect();
+    // A slot written by a newer build with features this one does not know: the other slot
+    // is older, and using it would let a commit overwrite the newer state.
+    for s in &slots {
+        if let Slot::Invalid(SlotProblem::Features(f)) = s {
+            return Err(OpenError::Features(p.into(), *f));
+        }
+    }
     if valid.is_empty() {
         // Name the most telling problem.
         for s in &slots {
@@ -392,11 +402,6 @@ impl Engine {
         if !lock_with_grace(&file).map_err(io_err)? {
             return Err(OpenError::Busy(p));
         }
-        if mode == OpenMode::Mount {
-            // What the page cache holds after a killed daemon reaches the disk before anything
-            // is built on it (and a write-back error nobody saw yet surfaces here).
-            file.sync_data().map_err(io_err)?;
-        }
         let choice = choose_state(&file, &p)?;
         let sb = choice.sb.clone();
         let want_len = sb.total_blocks.get() * BLOCK_SIZE;
@@ -404,7 +409,10 @@ impl Engine {
         if len < choice.min_total * BLOCK_SIZE {
             return Err(OpenError::Corrupt(
                 p,
-                format!("the image needs {want_len} bytes but the file holds {len} (truncated?)"),
+                format!(
+                    "the image needs at least {} bytes but the file holds {len} (truncated?)",
+                    choice.min_total * BLOCK_SIZE
+                ),
             ));
         }
         let mut resized = None;
@@ -479,21 +487,37 @@ impl Engine {
         }
         *self.misc_dirty.lock() = true;
         self.txm.initial_commit.store(true, Ordering::Release);
+        // What the page cache holds of a killed daemon's last commit must reach the disk before
+        // a new commit builds on it: the first commit writes everything back first.
+        self.txm.sync_before_commit.store(true, Ordering::Release);
         if self.recovery.state == STATE_ERRORS {
             log::warn!("{p}: the image was marked as damaged; run `mmapfs fsck --repair`");
             self.errors.store(true, Ordering::Relaxed);
         }
         if !orphans.is_empty() {
+            // Unlinked and unreferenced: invisible. Freed once the mount is live (the committer
+            // thread starts with it), so recovery does not wait for their blocks.
             log::warn!(
-                "{p}: freeing {} unlinked files left open at a crash",
+                "{p}: {} unlinked files were left open at a crash; freeing them",
                 orphans.len()
             );
-            for ino in orphans {
-                self.free_orphan(ino).map_err(corrupt)?;
-            }
-            self.commit_now().map_err(corrupt)?;
         }
         Ok(self)
+    }
+
+    /// Frees every inode on the orphan list (files unlinked while open when the last mount
+    /// ended without unmounting), and commits. Returns how many.
+    pub fn free_orphans(&self) -> Result<u64> {
+        let orphans = self.orphans()?;
+        for &ino in &orphans {
+            if self.kernel_refs(ino)? == 0 {
+                self.free_orphan(ino)?;
+            }
+        }
+        if !orphans.is_empty() {
+            self.commit_now()?;
+        }
+        Ok(orphans.len() as u64)
     }
 
     /// Test hook: durability goes through a crash simulator from now on (see `image::sim`);
@@ -511,7 +535,15 @@ impl Engine {
     pub fn free_orphan(&self, ino: u64) -> Result<()> {
         let tx = self.begin_delete(64)?;
         let _g = self.lock_write(ino);
-        let mut rec = self.read_inode(ino)?;
+        let mut rec = match self.read_inode(ino) {
+            Ok(r) => r,
+            // Freed meanwhile (by the committer thread or an unmount).
+            Err(Error::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if rec.flags.get() & INODE_FLAG_ORPHAN == 0 {
+            return Ok(());
+        }
         if rec.nlink.get() != 0 {
             return Err(self.corrupt(format!("orphan {ino} has {} links", rec.nlink)));
         }

@@ -5,8 +5,10 @@
 //!   changing anything (`ENOSPC`) or runs to its end inside one transaction.
 //! - A commit closes the running transaction at an operation boundary (the gate taken
 //!   exclusively for a moment), applies its space-map changes, and makes it durable while the
-//!   next transaction runs: one flush with an inline list of block CRCs for small commits that
-//!   someone waits for, two flushes otherwise.
+//!   next transaction runs: one flush with an inline list of block CRCs when the commit wrote
+//!   at most `COMMIT_LIST_MAX` blocks, two flushes for larger ones.
+//! - A failed write-back or flush is fatal: nothing more is committed (see
+//!   `CommitState::fatal`) and every later fsync reports it; a remount recovers.
 //! - `fsync` waits for a flush that started after its data reached the device and for the
 //!   transactions that changed its inode; concurrent callers share commits (group commit).
 
@@ -137,6 +139,8 @@ pub(super) struct TxnManager {
     /// The first change of a mount commits first, so that both superblock slots hold states
     /// that never saw a block reused (blocks freed by the newest state are not tracked).
     pub initial_commit: AtomicBool,
+    /// The next commit first writes back and flushes the whole image (the first of a mount).
+    pub sync_before_commit: AtomicBool,
     /// Incremented whenever freed blocks become reusable: a lock-free reader that saw it
     /// change may have read a reused block and must retry.
     pub reuse_gen: AtomicU64,
@@ -175,6 +179,7 @@ impl TxnManager {
             pins: RwLock::new(Pins::default()),
             any_pins: AtomicBool::new(false),
             initial_commit: AtomicBool::new(false),
+            sync_before_commit: AtomicBool::new(false),
             reuse_gen: AtomicU64::new(0),
             flush_locks: (0..FLUSH_LOCKS).map(|_| Mutex::new(())).collect(),
             tick: Arc::default(),
@@ -226,10 +231,6 @@ struct Cut {
     /// Small enough for one flush with an inline list.
     single: bool,
 }
-
-/// List entries with this bit set name data blocks (metadata blocks also carry the commit's
-/// transaction in their trailer).
-pub const LIST_DATA_FLAG: u64 = 1 << 63;
 
 impl Engine {
     /// Starts an operation that may allocate up to `reserve` blocks.
@@ -292,6 +293,11 @@ impl Engine {
     /// anything to commit. The caller is the leader (`busy` set).
     fn commit(&self, final_state: Option<u32>, data: Option<&Pending>) -> Result<bool> {
         self.check_fatal()?;
+        if self.txm.sync_before_commit.load(Ordering::Acquire) {
+            // Also surfaces a write-back error nobody has seen yet.
+            self.img.sync_all()?;
+            self.txm.sync_before_commit.store(false, Ordering::Release);
+        }
         let Some(cut) = self.cut(final_state)? else {
             return Ok(false);
         };
@@ -534,7 +540,7 @@ impl Engine {
         r
     }
 
-    /// Commits whatever the running transaction changed (two flushes: nobody waits).
+    /// Commits whatever the running transaction changed.
     pub fn commit_now(&self) -> Result<()> {
         self.as_leader(|| self.commit(None, None)).map(|_| ())
     }
@@ -548,6 +554,16 @@ impl Engine {
         self.as_leader(|| self.commit(Some(STATE_CLEAN), None))?;
         self.img.sync_all()?;
         Ok(())
+    }
+
+    /// Holds off every operation (and commit) while the guard lives.
+    pub(super) fn quiesce(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.txm.gate.write()
+    }
+
+    /// Whether `block` was written by the running transaction (not yet sealed).
+    pub(super) fn in_running_txn(&self, block: u64) -> bool {
+        self.space.lock().pages.contains(&block)
     }
 
     /// The newest durable transaction.
@@ -571,6 +587,12 @@ impl Engine {
         let handle = std::thread::Builder::new()
             .name("mmapfs-commit".into())
             .spawn(move || {
+                if let Some(e) = weak.upgrade()
+                    && e.recovery().orphans > 0
+                    && let Err(err) = e.free_orphans()
+                {
+                    log::error!("freeing files left unlinked at a crash: {err}");
+                }
                 loop {
                     {
                         let mut ctl = tick.ctl.lock();

@@ -448,7 +448,8 @@ fn wait_for_workers(pid: u32, ok: impl Fn(&[(String, String)]) -> bool) -> Vec<(
     let start = Instant::now();
     loop {
         let w = worker_cpus(pid);
-        if ok(&w) || start.elapsed() > Duration::from_secs(5) {
+        // Workers start just after the mount: an empty list satisfies nothing yet.
+        if (!w.is_empty() && ok(&w)) || start.elapsed() > Duration::from_secs(5) {
             return w;
         }
         std::thread::sleep(Duration::from_millis(20));
