@@ -238,6 +238,19 @@ impl Engine {
         }
     }
 
+    /// Whether `block` is in use in the running state: its committed bit, with what the
+    /// running transaction allocated and freed applied (what its commit will write).
+    pub(super) fn in_use_now(&self, block: u64) -> Result<bool> {
+        let sp = self.space.lock();
+        if sp.allocated.covering(block).is_some() {
+            return Ok(true);
+        }
+        if sp.freed.covering(block).is_some() {
+            return Ok(false);
+        }
+        self.bit_set(sp.tree, block)
+    }
+
     fn is_free(&self, sp: &Space, block: u64) -> Result<bool> {
         if block < 2
             || block >= sp.total_blocks

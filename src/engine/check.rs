@@ -507,7 +507,7 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     for b in 0..total {
         let owned = w.is_owned(b);
         used_blocks += u64::from(owned);
-        let bit = e.bit_set(sb.space_tree.get(), b)?;
+        let bit = e.in_use_now(b)?;
         if bit != owned {
             if owned {
                 push(&mut mark_used, b);

@@ -332,7 +332,7 @@ impl Engine {
 
     /// Whether a valid record (or the end mark of a block, or a hole) starts at `off`.
     fn record_starts_at(&self, dir: &Inode, off: u64) -> Result<bool> {
-        if off % 8 != 0 {
+        if !off.is_multiple_of(8) {
             return Ok(false);
         }
         if off % BLOCK_SIZE + DIRENT_HEADER_SIZE > PAYLOAD_SIZE {
