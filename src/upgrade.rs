@@ -1,6 +1,6 @@
 //! `mmapfs upgrade IMAGE`: converts a format-version-1 image to version 2.
 //!
-//! The version-1 image is only read ([`crate::v1`], plain reads under a shared lock). Its
+//! The version-1 image is only read ([`crate::v1`], plain reads under an exclusive lock). Its
 //! contents are rebuilt in a fresh version-2 image beside it (`IMAGE.upgrading`) through the
 //! filesystem core: every name, type, hard link, mode, owner, time, size, hole, extended
 //! attribute and device number. The new image is checked, then takes the old one's name; the
@@ -93,7 +93,8 @@ pub fn upgrade(path: &Path, keep_backup: bool) -> Result<Summary, String> {
             return Err(e);
         }
     };
-    drop(old);
+    // The version-1 image stays locked until it has been replaced: released before the renames,
+    // a concurrent upgrade could take it and rename the new image to IMAGE.v1 over the backup.
     if keep_backup {
         std::fs::rename(path, &backup).map_err(|e| format!("{}: {e}", backup.display()))?;
         summary.backup = Some(backup);
@@ -104,6 +105,7 @@ pub fn upgrade(path: &Path, keep_backup: bool) -> Result<Summary, String> {
     {
         let _ = d.sync_all();
     }
+    drop(old);
     Ok(summary)
 }
 
@@ -117,6 +119,7 @@ fn copy_all(old: &V1Image, fs: &Fs) -> Result<Summary, String> {
         .inode(ROOT_INO)
         .map_err(|e| format!("the root directory: {e}"))?
         .ok_or("the root directory is missing")?;
+    copy_xattrs(old, fs, &root, ROOT_INO, "/", &mut s);
     attrs.push((root, ROOT_INO));
     made.insert(ROOT_INO, ROOT_INO);
     let mut queue = VecDeque::from([(ROOT_INO, ROOT_INO, String::from("/"))]);
@@ -167,6 +170,7 @@ fn copy_all(old: &V1Image, fs: &Fs) -> Result<Summary, String> {
             }
             match create(old, fs, new_dir, &e.name, &rec, &mut s) {
                 Ok(new) => {
+                    copy_xattrs(old, fs, &rec, new, &child_path, &mut s);
                     made.insert(e.ino, new);
                     if rec.kind == V1Kind::Dir {
                         queue.push_back((e.ino, new, child_path.clone()));
@@ -227,19 +231,39 @@ fn create(
     let new = attr.ino;
     fs.forget(new, 1).map_err(|e| e.to_string())?;
     if rec.kind == V1Kind::File {
-        copy_data(old, fs, rec, new, s)?;
+        if let Err(e) = copy_data(old, fs, rec, new, s) {
+            // A file reported skipped must not be left behind half copied (with the new
+            // image's times and without its other names' link).
+            fs.unlink(dir, name)
+                .map_err(|u| format!("{e}; removing the partial copy: {u}"))?;
+            return Err(e);
+        }
         s.files += 1;
     }
-    for (n, v) in old.xattrs(rec.ino).map_err(|e| e.to_string())? {
+    Ok(new)
+}
+
+/// Copies the extended attributes of `rec` (at `path`) to `new`. Unreadable or refused
+/// attributes are reported as skipped; the object itself is kept. (This was part of `create`,
+/// where an unreadable xattr block failed the object after it was made: a directory was left
+/// empty, its whole subtree lost, a file kept with the new image's times although reported
+/// skipped. The root, never passed to `create`, lost its attributes silently.)
+fn copy_xattrs(old: &V1Image, fs: &Fs, rec: &V1Inode, new: u64, path: &str, s: &mut Summary) {
+    let xattrs = match old.xattrs(rec.ino) {
+        Ok(x) => x,
+        Err(e) => {
+            s.skipped.push(format!("{path}: extended attributes: {e}"));
+            return;
+        }
+    };
+    for (n, v) in xattrs {
         if let Err(e) = fs.setxattr(new, &n, &v, 0) {
             s.skipped.push(format!(
-                "inode {}: attribute {}: {e}",
-                rec.ino,
+                "{path}: attribute {}: {e}",
                 String::from_utf8_lossy(&n)
             ));
         }
     }
-    Ok(new)
 }
 
 /// Copies a regular file's data, hole for hole; blocks allocated past its end stay allocated.

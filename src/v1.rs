@@ -227,7 +227,7 @@ pub struct V1DirEntry {
     pub dtype: u8,
 }
 
-/// An open version-1 image (read-only, shared lock held while open).
+/// An open version-1 image (read-only, exclusive lock held while open).
 pub struct V1Image {
     file: File,
     sb: Superblock,
@@ -254,8 +254,9 @@ fn crc(parts: &[&[u8]]) -> u32 {
 
 impl V1Image {
     /// Opens `path` and validates the superblock: magic, version 1, checksum, block size, block
-    /// count against the file's length, and the inode table's root and size. Takes a shared
-    /// lock, so an image that is mounted is refused.
+    /// count against the file's length, and the inode table's root and size. Takes an
+    /// exclusive lock, so an image that is mounted (the v1 daemon held an exclusive lock) or
+    /// open by another reader is refused.
     pub fn open(path: &Path) -> Result<V1Image, V1Error> {
         let name = path.display().to_string();
         let io_err = |source| V1Error::Io {
@@ -267,7 +268,10 @@ impl V1Image {
         if !md.is_file() {
             return Err(io_err(io::Error::other("not a regular file")));
         }
-        match file.try_lock_shared() {
+        // Exclusive, not shared: the only reader is `mmapfs upgrade`, which replaces the file.
+        // Two upgrades of one image under shared locks both ran, raced on IMAGE.upgrading and
+        // on the renames, and could leave a version-2 image as IMAGE.v1 and no IMAGE at all.
+        match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(V1Error::Busy),
             Err(TryLockError::Error(e)) => return Err(io_err(e)),

@@ -10,3 +10,4 @@ mod data;
 mod persistence;
 mod posix;
 mod powerloss;
+mod upgrade;
