@@ -95,8 +95,13 @@ pub fn upgrade(path: &Path, keep_backup: bool) -> Result<Summary, String> {
     };
     // The version-1 image stays locked until it has been replaced: released before the renames,
     // a concurrent upgrade could take it and rename the new image to IMAGE.v1 over the backup.
+    // The backup is a second name of the original (a link fails if the name is taken); the
+    // new image then replaces the original's name in one rename: IMAGE always exists.
     if keep_backup {
-        std::fs::rename(path, &backup).map_err(|e| format!("{}: {e}", backup.display()))?;
+        if let Err(e) = std::fs::hard_link(path, &backup) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("{}: {e}", backup.display()));
+        }
         summary.backup = Some(backup);
     }
     std::fs::rename(&tmp, path).map_err(|e| format!("{p}: {e}"))?;
