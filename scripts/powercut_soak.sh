@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 seeds=${1:-200}
 echo "power-cut soak: $seeds seeds"
 start=$SECONDS
-MMAPFS_POWERCUT_SEEDS=$seeds cargo test --release --test powercut power_cuts_anywhere -- --nocapture 2>&1 |
+MMAPFS_POWERCUT_SEEDS=$seeds cargo test --release --test powercut power_cuts -- --nocapture 2>&1 |
     grep -E "seeds|crash images|panicked|seed [0-9]+:|test result" || true
 status=${PIPESTATUS[0]}
 echo "power-cut soak: $((SECONDS - start)) s, exit $status"

@@ -1296,6 +1296,14 @@ impl Fs {
     }
 }
 
+impl Drop for Fs {
+    fn drop(&mut self) {
+        // The committer thread holds the engine while it works (freeing orphans after a crash):
+        // wait for it, so the image is not used after its owner is gone.
+        self.engine.stop_committer();
+    }
+}
+
 /// Supported namespaces: user, trusted, security. POSIX ACLs (system.*) are not supported.
 fn check_xattr_name(name: &[u8]) -> Result<()> {
     if name.len() > 255 {

@@ -24,6 +24,7 @@ use mmapfs::format::ROOT_INO;
 use mmapfs::fs::{
     Changer, Ctx, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FileKind, Fs, RenameFlags, SetAttr,
 };
+use mmapfs::image;
 
 const CTX: Ctx = Ctx { uid: 0, gid: 0 };
 /// Word size of the data pattern: every 8-byte word says whose it is, where, and which write.
@@ -158,9 +159,16 @@ struct History {
     /// writes may show there.
     cuts: Vec<(usize, Fid, u64, u64)>,
     /// Files fsync'd and not changed since: operation and contents then.
-    synced: HashMap<Fid, (usize, FileModel)>,
+    synced: Synced,
+    /// Every fsync that returned: (operation, file, contents then).
+    synced_log: Vec<(usize, Fid, FileModel)>,
+    /// Every change of a file's contents: (operation, file).
+    touch_log: Vec<(usize, Fid)>,
     next_version: u32,
 }
+
+/// Files whose contents an fsync made durable and nothing changed since.
+type Synced = HashMap<Fid, (usize, FileModel)>;
 
 impl History {
     /// Whether a recovered nonzero `w` at word `idx` of `fid` is legitimate for a state taken
@@ -182,8 +190,30 @@ impl History {
             .unwrap_or(0);
         f == fid && lo <= idx && idx < hi && op > epoch
     }
-    fn touched(&mut self, fid: Fid) {
+    fn touched(&mut self, fid: Fid, op: usize) {
         self.synced.remove(&fid);
+        self.touch_log.push((op, fid));
+    }
+
+    /// What was fsync'd and unchanged as of a crash image taken while operations `1..=started`
+    /// had started and `1..=completed` had returned (operations are numbered from 1).
+    fn synced_at(&self, started: usize, completed: usize) -> Synced {
+        let mut out = Synced::new();
+        for (j, fid, content) in &self.synced_log {
+            if *j > completed {
+                continue;
+            }
+            let changed = self
+                .touch_log
+                .iter()
+                .any(|(w, f)| f == fid && *w > *j && *w <= started);
+            if changed {
+                out.remove(fid);
+            } else {
+                out.insert(*fid, (*j, content.clone()));
+            }
+        }
+        out
     }
 }
 
@@ -348,13 +378,11 @@ fn gen_ops(s: &State, rng: &mut Rng) -> Vec<Op> {
 
 // ----- the world: the engine under test and its model ---------------------------------------
 
-struct World {
-    _dir: tempfile::TempDir,
-    scratch: tempfile::TempDir,
-    fs: Fs,
+/// One workload: its model, and how it drives the filesystem inside its directory.
+struct Actor {
+    /// Directory the actor works in ("" = the root).
+    prefix: String,
     state: State,
-    /// The newest state known durable (a commit finished after it).
-    committed: State,
     history: History,
     next_fid: Fid,
     /// fid -> inode number in the live filesystem.
@@ -363,10 +391,20 @@ struct World {
     held: Vec<u64>,
     rng: Rng,
     seed: u64,
-    /// Crash images taken inside flushes during the current operation.
-    cut_images: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Every operation so far (printed when a check fails).
     log: Vec<Op>,
+}
+
+/// The single-threaded world: one actor, commits tracked exactly.
+struct World {
+    _dir: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+    fs: Fs,
+    actor: Actor,
+    /// The newest state known durable (a commit finished after it).
+    committed: State,
+    /// Crash images taken inside flushes during the current operation.
+    cut_images: Arc<Mutex<Vec<Vec<u8>>>>,
     checked: usize,
 }
 
@@ -397,67 +435,89 @@ impl World {
     fn new(seed: u64, hook_one_in: u64) -> World {
         let dir = tempfile::tempdir().unwrap();
         let scratch = scratch_dir();
-        let path = dir.path().join("image");
-        Engine::mkfs(&path, 1 << 20, false).unwrap();
-        let mut engine = Engine::open(&path, OpenMode::Mount).unwrap();
-        engine.attach_crash_sim(None).unwrap();
-        // Commits happen where the test can see them: in operations, not on a timer.
-        engine.set_commit_interval(Duration::from_secs(24 * 3600));
-        let fs = Fs::new(engine);
         let cut_images: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let sink = cut_images.clone();
         let mut hook_rng = Rng(seed ^ 0x5eed);
-        let sim = fs.engine().image().sim().unwrap();
-        sim.set_flush_hook(Some(Box::new(move |img| {
-            if hook_rng.below(hook_one_in) != 0 {
-                return;
-            }
-            if let Some(sim) = img.sim() {
-                let mut r = hook_rng.clone();
-                let image = sim.crash_image(img, &mut || r.next());
-                hook_rng.next();
-                sink.lock().unwrap().push(image);
-            }
-        })));
+        let fs = sim_fs(
+            dir.path(),
+            Box::new(move |img| {
+                if hook_rng.below(hook_one_in) != 0 {
+                    return;
+                }
+                if let Some(sim) = img.sim() {
+                    let mut r = hook_rng.clone();
+                    let image = sim.crash_image(img, &mut || r.next());
+                    hook_rng.next();
+                    sink.lock().unwrap().push(image);
+                }
+            }),
+        );
         World {
             _dir: dir,
             scratch,
             fs,
-            state: State::default(),
+            actor: Actor::new(String::new(), seed, 1),
             committed: State::default(),
+            cut_images,
+            checked: 0,
+        }
+    }
+}
+
+/// A filesystem over the crash simulator on a fresh 1 MiB image (it grows), no timed commits;
+/// `hook` runs at the start of every flush.
+fn sim_fs(dir: &Path, hook: image::sim::FlushHook) -> Fs {
+    let path = dir.join("image");
+    Engine::mkfs(&path, 1 << 20, false).unwrap();
+    let mut engine = Engine::open(&path, OpenMode::Mount).unwrap();
+    engine.attach_crash_sim(None).unwrap();
+    // Commits happen where the test can see them: in operations, not on a timer.
+    engine.set_commit_interval(Duration::from_secs(24 * 3600));
+    let fs = Fs::new(engine);
+    fs.engine()
+        .image()
+        .sim()
+        .unwrap()
+        .set_flush_hook(Some(hook));
+    fs
+}
+
+impl Actor {
+    fn new(prefix: String, seed: u64, first_fid: Fid) -> Actor {
+        Actor {
+            prefix,
+            state: State::default(),
             history: History::default(),
-            next_fid: 1,
+            next_fid: first_fid,
             inos: HashMap::new(),
             held: Vec::new(),
             rng: Rng(seed),
             seed,
-            cut_images,
             log: Vec::new(),
-            checked: 0,
         }
     }
 
-    fn lookup(&self, path: &str) -> u64 {
+    fn lookup(&self, fs: &Fs, path: &str) -> u64 {
+        let full = join(&self.prefix, path);
         let mut ino = ROOT_INO;
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            ino = self
-                .fs
+        for part in full.split('/').filter(|p| !p.is_empty()) {
+            ino = fs
                 .lookup(ino, part.as_bytes())
                 .unwrap_or_else(|e| panic!("seed {}: lookup {path}: {e}", self.seed))
                 .ino;
-            self.fs.forget(ino, 1).unwrap();
+            fs.forget(ino, 1).unwrap();
         }
         ino
     }
 
-    fn split(&self, path: &str) -> (u64, String) {
+    fn split(&self, fs: &Fs, path: &str) -> (u64, String) {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-        (self.lookup(dir), name.to_string())
+        (self.lookup(fs, dir), name.to_string())
     }
 
     /// Drops the kernel reference an entry reply gave, unless told to keep it.
-    fn drop_ref(&self, ino: u64) {
-        self.fs.forget(ino, 1).unwrap();
+    fn drop_ref(&self, fs: &Fs, ino: u64) {
+        fs.forget(ino, 1).unwrap();
     }
 
     fn write_words(&mut self, fid: Fid, off: u64, len: u64) -> (u32, Vec<u8>) {
@@ -481,7 +541,7 @@ impl World {
             words.insert(i, version);
         }
         f.size = f.size.max(off + len);
-        self.history.touched(fid);
+        self.history.touched(fid, self.state.op + 1);
     }
 
     fn model_cut(&mut self, fid: Fid, from: u64, to: u64) {
@@ -493,24 +553,23 @@ impl World {
             words.remove(&k);
         }
         self.history.cuts.push((self.state.op + 1, fid, lo, hi));
-        self.history.touched(fid);
+        self.history.touched(fid, self.state.op + 1);
     }
 
     /// Runs one operation on the filesystem and the model. An fsync returns what it made
     /// durable (recorded once crash images taken inside it are judged).
-    fn apply(&mut self, op: &Op) -> Option<(Fid, FileModel)> {
+    fn apply(&mut self, fs: &Fs, op: &Op) -> Option<(Fid, FileModel)> {
         let seed = self.seed;
         let fail =
             |what: &str, e: mmapfs::error::Error| -> ! { panic!("seed {seed}: {what}: {e}") };
         let by = Changer::privileged();
         match op {
             Op::Create(p) => {
-                let (dir, name) = self.split(p);
-                let a = self
-                    .fs
+                let (dir, name) = self.split(fs, p);
+                let a = fs
                     .create(dir, name.as_bytes(), 0o644, CTX)
                     .unwrap_or_else(|e| fail("create", e));
-                self.drop_ref(a.ino);
+                self.drop_ref(fs, a.ino);
                 let fid = self.next_fid;
                 self.next_fid += 1;
                 self.inos.insert(fid, a.ino);
@@ -529,8 +588,7 @@ impl World {
                 let (version, data) = self.write_words(fid, *off, *len);
                 let ino = self.inos[&fid];
                 let who = (!page_cache).then_some(&by);
-                self.fs
-                    .write(ino, *off, &data, who)
+                fs.write(ino, *off, &data, who)
                     .unwrap_or_else(|e| fail("write", e));
                 self.model_write(fid, *off, *len, version);
             }
@@ -542,14 +600,13 @@ impl World {
                     size: Some(*size),
                     ..Default::default()
                 };
-                self.fs
-                    .setattr(self.inos[&fid], &set, &by)
+                fs.setattr(self.inos[&fid], &set, &by)
                     .unwrap_or_else(|e| fail("truncate", e));
                 let old = self.state.files[&fid].size;
                 if *size < old {
                     self.model_cut(fid, *size, u64::MAX / 2);
                 } else {
-                    self.history.touched(fid);
+                    self.history.touched(fid, self.state.op + 1);
                 }
                 self.state.files.get_mut(&fid).unwrap().size = *size;
             }
@@ -557,41 +614,37 @@ impl World {
                 let Some(Node::File(fid)) = self.state.names.get(p).cloned() else {
                     unreachable!()
                 };
-                self.fs
-                    .fallocate(
-                        self.inos[&fid],
-                        *off,
-                        *len,
-                        FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
-                    )
-                    .unwrap_or_else(|e| fail("punch", e));
+                fs.fallocate(
+                    self.inos[&fid],
+                    *off,
+                    *len,
+                    FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+                )
+                .unwrap_or_else(|e| fail("punch", e));
                 self.model_cut(fid, *off, off + len);
             }
             Op::Link(from, to) => {
                 let Some(Node::File(fid)) = self.state.names.get(from).cloned() else {
                     unreachable!()
                 };
-                let (dir, name) = self.split(to);
-                let a = self
-                    .fs
+                let (dir, name) = self.split(fs, to);
+                let a = fs
                     .link(self.inos[&fid], dir, name.as_bytes())
                     .unwrap_or_else(|e| fail("link", e));
-                self.drop_ref(a.ino);
+                self.drop_ref(fs, a.ino);
                 self.state.names.insert(to.clone(), Node::File(fid));
             }
             Op::Unlink(p) => {
-                let (dir, name) = self.split(p);
-                self.fs
-                    .unlink(dir, name.as_bytes())
+                let (dir, name) = self.split(fs, p);
+                fs.unlink(dir, name.as_bytes())
                     .unwrap_or_else(|e| fail("unlink", e));
                 self.state.names.remove(p);
                 self.forget_unnamed();
             }
             Op::Rename(from, to) => {
-                let (d1, n1) = self.split(from);
-                let (d2, n2) = self.split(to);
-                self.fs
-                    .rename(d1, n1.as_bytes(), d2, n2.as_bytes(), RenameFlags::default())
+                let (d1, n1) = self.split(fs, from);
+                let (d2, n2) = self.split(fs, to);
+                fs.rename(d1, n1.as_bytes(), d2, n2.as_bytes(), RenameFlags::default())
                     .unwrap_or_else(|e| fail("rename", e));
                 // Two names of one file: POSIX says rename does nothing.
                 if self.state.names.get(from) != self.state.names.get(to) {
@@ -601,28 +654,25 @@ impl World {
                 }
             }
             Op::Mkdir(p) => {
-                let (dir, name) = self.split(p);
-                let a = self
-                    .fs
+                let (dir, name) = self.split(fs, p);
+                let a = fs
                     .mkdir(dir, name.as_bytes(), 0o755, CTX)
                     .unwrap_or_else(|e| fail("mkdir", e));
-                self.drop_ref(a.ino);
+                self.drop_ref(fs, a.ino);
                 self.state.names.insert(p.clone(), Node::Dir);
             }
             Op::Rmdir(p) => {
-                let (dir, name) = self.split(p);
-                self.fs
-                    .rmdir(dir, name.as_bytes())
+                let (dir, name) = self.split(fs, p);
+                fs.rmdir(dir, name.as_bytes())
                     .unwrap_or_else(|e| fail("rmdir", e));
                 self.state.names.remove(p);
             }
             Op::Symlink(p, target) => {
-                let (dir, name) = self.split(p);
-                let a = self
-                    .fs
+                let (dir, name) = self.split(fs, p);
+                let a = fs
                     .symlink(dir, name.as_bytes(), target, CTX)
                     .unwrap_or_else(|e| fail("symlink", e));
-                self.drop_ref(a.ino);
+                self.drop_ref(fs, a.ino);
                 self.state
                     .names
                     .insert(p.clone(), Node::Symlink(target.clone()));
@@ -631,25 +681,22 @@ impl World {
                 let Some(Node::File(fid)) = self.state.names.get(p).cloned() else {
                     unreachable!()
                 };
-                self.fs
-                    .fsync(self.inos[&fid], *datasync)
+                fs.fsync(self.inos[&fid], *datasync)
                     .unwrap_or_else(|e| fail("fsync", e));
                 return Some((fid, self.state.files[&fid].clone()));
             }
             Op::FsyncDir(d) => {
-                let ino = self.lookup(d);
-                self.fs
-                    .fsync(ino, false)
-                    .unwrap_or_else(|e| fail("fsyncdir", e));
+                let ino = self.lookup(fs, d);
+                fs.fsync(ino, false).unwrap_or_else(|e| fail("fsyncdir", e));
             }
             Op::Hold(p) => {
-                let ino = self.lookup(p);
-                self.fs.engine().add_kernel_refs(ino, 1).unwrap();
+                let ino = self.lookup(fs, p);
+                fs.engine().add_kernel_refs(ino, 1).unwrap();
                 self.held.push(ino);
             }
             Op::Release => {
                 if let Some(ino) = self.held.pop() {
-                    self.fs.forget(ino, 1).unwrap_or_else(|e| fail("forget", e));
+                    fs.forget(ino, 1).unwrap_or_else(|e| fail("forget", e));
                 }
             }
         }
@@ -673,15 +720,17 @@ impl World {
             self.inos.remove(&fid);
         }
     }
+}
 
+impl World {
     /// Runs `op`; takes crash images inside its flushes and after it; checks them all.
     fn step(&mut self, op: &Op) {
-        let before = self.state.clone();
+        let before = self.actor.state.clone();
         let committed_before = self.committed.clone();
         let durable = self.fs.engine().durable_txn();
-        let synced = self.apply(op);
-        self.log.push(op.clone());
-        self.state.op += 1;
+        let synced = self.actor.apply(&self.fs, op);
+        self.actor.log.push(op.clone());
+        self.actor.state.op += 1;
         if self.fs.engine().durable_txn() != durable {
             // Commits happen at the start of an operation (the first change of a mount) or
             // in an fsync, which changes nothing: either way they made `before` durable.
@@ -695,13 +744,18 @@ impl World {
         }
         // The fsync has returned: from now on its data must survive.
         if let Some((fid, content)) = synced {
-            self.history.synced.insert(fid, (self.state.op, content));
+            let op = self.actor.state.op;
+            self.actor
+                .history
+                .synced_log
+                .push((op, fid, content.clone()));
+            self.actor.history.synced.insert(fid, (op, content));
         }
         // A cut between operations: the last committed state.
         let sim = self.fs.engine().image().sim().unwrap();
         let img = self.fs.engine().image();
-        let mut r = Rng(self.rng.next());
-        if self.rng.below(3) == 0 {
+        let mut r = Rng(self.actor.rng.next());
+        if self.actor.rng.below(3) == 0 {
             sim.kernel_writeback(img, &mut || r.next(), 4);
         }
         let image = sim.crash_image(img, &mut || r.next());
@@ -712,13 +766,18 @@ impl World {
     /// Recovers `image` and judges it against `candidates` (any one may match).
     fn check(&mut self, image: &[u8], candidates: &[State], op: &Op) {
         self.checked += 1;
-        let path = self.scratch.path().join(format!("crash-{}.img", self.seed));
+        let path = self
+            .scratch
+            .path()
+            .join(format!("crash-{}.img", self.actor.seed));
         std::fs::write(&path, image).unwrap();
-        let verdict = recover_and_compare(&path, candidates, &self.history);
+        let verdict = recover_and_compare(&path, candidates, &self.actor.history);
         if let Err(why) = verdict {
-            let keep = failure_dir().join(format!("failed-{}-{}.img", self.seed, self.checked));
+            let keep =
+                failure_dir().join(format!("failed-{}-{}.img", self.actor.seed, self.checked));
             let _ = std::fs::copy(&path, &keep);
             let log: Vec<String> = self
+                .actor
                 .log
                 .iter()
                 .enumerate()
@@ -728,8 +787,8 @@ impl World {
             panic!(
                 "seed {}: after operation {} ({op:?}), crash image {} (states after operations \
                  {ops:?} allowed): {why}\n(kept as {})\noperations:\n{}",
-                self.seed,
-                self.state.op,
+                self.actor.seed,
+                self.actor.state.op,
                 self.checked,
                 keep.display(),
                 log.join("\n")
@@ -742,6 +801,7 @@ impl World {
 // ----- recovery and comparison ---------------------------------------------------------------
 
 /// What a recovered filesystem holds.
+#[derive(Clone)]
 enum Seen {
     File {
         ino: u64,
@@ -856,7 +916,12 @@ fn walk(fs: &Fs, dir: u64, prefix: &str, out: &mut BTreeMap<String, Seen>) -> Re
 }
 
 /// Whether what was recovered is `state` (namespace exact, contents legitimate).
-fn compare(seen: &BTreeMap<String, Seen>, state: &State, h: &History) -> Result<(), String> {
+fn compare(
+    seen: &BTreeMap<String, Seen>,
+    state: &State,
+    h: &History,
+    synced: &Synced,
+) -> Result<(), String> {
     let names_seen: Vec<&String> = seen.keys().collect();
     let names_want: Vec<&String> = state.names.keys().collect();
     if names_seen != names_want {
@@ -903,7 +968,7 @@ fn compare(seen: &BTreeMap<String, Seen>, state: &State, h: &History) -> Result<
         return Err("two files share an inode".into());
     }
     // fsync'd and unchanged since: byte for byte.
-    for (fid, (at, content)) in &h.synced {
+    for (fid, (at, content)) in synced {
         let Some((path, _)) = state.names.iter().find(|(_, n)| **n == Node::File(*fid)) else {
             continue;
         };
@@ -948,7 +1013,7 @@ fn recover_and_compare(path: &Path, candidates: &[State], h: &History) -> Result
     walk(&fs, ROOT_INO, "", &mut seen)?;
     let mut why = Vec::new();
     for c in candidates {
-        match compare(&seen, c, h) {
+        match compare(&seen, c, h, &h.synced) {
             Ok(()) => {
                 // Still usable: a change commits and checks clean.
                 let a = fs
@@ -979,7 +1044,7 @@ fn run_world(seed: u64, ops: usize, hook_one_in: u64) -> usize {
     let mut w = World::new(seed, hook_one_in);
     let mut done = 0;
     while done < ops {
-        for op in gen_ops(&w.state, &mut w.rng) {
+        for op in gen_ops(&w.actor.state, &mut w.actor.rng) {
             w.step(&op);
             done += 1;
         }
@@ -1127,4 +1192,183 @@ fn regressions_of_the_version_1_failure_classes() {
         checked += w.checked;
     }
     assert!(checked >= 100, "only {checked} crash images");
+}
+
+/// A crash image taken while two actors were at work: how far each had got.
+struct Capture {
+    image: Vec<u8>,
+    /// Per actor: operations started, operations returned.
+    progress: [(usize, usize); 2],
+}
+
+/// Two threads change the filesystem at once, each in its own directory, while crash images
+/// are taken inside flushes (commits by either thread). A commit cuts each thread between two of
+/// its operations, so every recovered directory must be exactly that thread's state after some
+/// prefix of its operations (no later than what it had started), keep what it had fsync'd, and
+/// pass fsck.
+#[test]
+fn power_cuts_with_two_threads_at_work() {
+    let seeds = seeds("power_cuts_with_two_threads_at_work", 4);
+    let mut checked = 0;
+    for &seed in &seeds {
+        checked += run_two_threads(seed, 80);
+    }
+    eprintln!("{checked} crash images of two threads recovered and checked");
+    assert!(checked >= 10 * seeds.len(), "only {checked} crash images");
+}
+
+fn run_two_threads(seed: u64, ops: usize) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = scratch_dir();
+    let progress: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    let captures: Arc<Mutex<Vec<Capture>>> = Arc::default();
+    let (sink, seen) = (captures.clone(), progress.clone());
+    let mut hook_rng = Rng(seed ^ 0xc0ffee);
+    let fs = sim_fs(
+        dir.path(),
+        Box::new(move |img| {
+            let p = |i: usize| seen[i].load(Ordering::SeqCst);
+            // Returned before the image (read first), started by the time it is taken (read
+            // after): the image lies within these bounds.
+            let returned = [p(1), p(3)];
+            if let Some(sim) = img.sim() {
+                let mut r = hook_rng.clone();
+                let image = sim.crash_image(img, &mut || r.next());
+                hook_rng.next();
+                sink.lock().unwrap().push(Capture {
+                    image,
+                    progress: [(p(0), returned[0]), (p(2), returned[1])],
+                });
+            }
+        }),
+    );
+    for d in ["t0", "t1"] {
+        let a = fs.mkdir(ROOT_INO, d.as_bytes(), 0o755, CTX).unwrap();
+        fs.forget(a.ino, 1).unwrap();
+    }
+    fs.fsync(ROOT_INO, false).unwrap();
+    captures.lock().unwrap().clear();
+    let mut actors = [
+        Actor::new("t0".into(), seed ^ 1, 1),
+        Actor::new("t1".into(), seed ^ 2, 0x8000),
+    ];
+    let mut states: [Vec<State>; 2] = [vec![State::default()], vec![State::default()]];
+    std::thread::scope(|sc| {
+        for (i, (actor, states)) in actors.iter_mut().zip(states.iter_mut()).enumerate() {
+            let fs = &fs;
+            let progress = &progress;
+            sc.spawn(move || {
+                let mut done = 0;
+                while done < ops {
+                    for op in gen_ops(&actor.state, &mut actor.rng) {
+                        progress[2 * i].fetch_add(1, Ordering::SeqCst);
+                        let synced = actor.apply(fs, &op);
+                        actor.log.push(op.clone());
+                        actor.state.op += 1;
+                        if let Some((fid, content)) = synced {
+                            let at = actor.state.op;
+                            actor.history.synced_log.push((at, fid, content));
+                        }
+                        states.push(actor.state.clone());
+                        progress[2 * i + 1].fetch_add(1, Ordering::SeqCst);
+                        done += 1;
+                    }
+                }
+            });
+        }
+    });
+    // And a cut after both finished.
+    {
+        let sim = fs.engine().image().sim().unwrap();
+        let mut r = Rng(seed ^ 0xfeed);
+        let image = sim.crash_image(fs.engine().image(), &mut || r.next());
+        let n = [states[0].len() - 1, states[1].len() - 1];
+        captures.lock().unwrap().push(Capture {
+            image,
+            progress: [(n[0], n[0]), (n[1], n[1])],
+        });
+    }
+    let captures = std::mem::take(&mut *captures.lock().unwrap());
+    let count = captures.len();
+    for (n, c) in captures.into_iter().enumerate() {
+        let path = scratch.path().join("crash.img");
+        std::fs::write(&path, &c.image).unwrap();
+        if let Err(why) = judge_two(&path, &c, &actors, &states) {
+            let keep = failure_dir().join(format!("failed-two-{seed}-{n}.img"));
+            let _ = std::fs::copy(&path, &keep);
+            let logs: Vec<String> = actors
+                .iter()
+                .map(|a| {
+                    a.log
+                        .iter()
+                        .enumerate()
+                        .map(|(i, o)| format!("  {}: {o:?}", i + 1))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .collect();
+            panic!(
+                "seed {seed}: crash image {n} (progress {:?}): {why}\n(kept as {})\nt0:\n{}\nt1:\n{}",
+                c.progress,
+                keep.display(),
+                logs[0],
+                logs[1]
+            );
+        }
+    }
+    count
+}
+
+/// Recovers a two-thread crash image and judges each thread's directory.
+fn judge_two(
+    path: &Path,
+    c: &Capture,
+    actors: &[Actor; 2],
+    states: &[Vec<State>; 2],
+) -> Result<(), String> {
+    let mut engine =
+        Engine::open(path, OpenMode::Mount).map_err(|e| format!("recovery refused: {e}"))?;
+    engine.set_commit_interval(Duration::from_secs(24 * 3600));
+    engine.attach_crash_sim(None).map_err(|e| e.to_string())?;
+    let report = check::run(&engine, check::Mode::Report).map_err(|e| format!("fsck: {e}"))?;
+    if !report.problems.is_empty() {
+        return Err(format!("fsck after recovery: {:?}", report.problems));
+    }
+    let fs = Fs::new(engine);
+    let mut seen = BTreeMap::new();
+    walk(&fs, ROOT_INO, "", &mut seen)?;
+    let top: Vec<&String> = seen.keys().filter(|p| !p.contains('/')).collect();
+    if top != ["t0", "t1"] {
+        return Err(format!("top level holds {top:?}"));
+    }
+    for (i, actor) in actors.iter().enumerate() {
+        let prefix = format!("{}/", actor.prefix);
+        let sub: BTreeMap<String, Seen> = seen
+            .iter()
+            .filter_map(|(p, v)| Some((p.strip_prefix(&prefix)?.to_string(), v.clone())))
+            .collect();
+        let (started, completed) = c.progress[i];
+        let synced = actor.history.synced_at(started, completed);
+        let top_k = started.min(states[i].len() - 1);
+        let mut last = String::new();
+        let ok = (0..=top_k).rev().any(|k| {
+            match compare(&sub, &states[i][k], &actor.history, &synced) {
+                Ok(()) => true,
+                Err(e) => {
+                    if last.is_empty() {
+                        last = format!("after operation {k}: {e}");
+                    }
+                    false
+                }
+            }
+        });
+        if !ok {
+            return Err(format!(
+                "{}: matches no state of its first {top_k} operations (nearest: {last})",
+                actor.prefix
+            ));
+        }
+    }
+    Ok(())
 }

@@ -556,9 +556,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Holds off every operation (and commit) while the guard lives.
+    /// Holds off every operation and commit while the guard lives, after a commit already
+    /// past its cut (writing its blocks, which needs no gate) has finished.
     pub(super) fn quiesce(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.txm.gate.write()
+        loop {
+            let gate = self.txm.gate.write();
+            let mut st = self.txm.state.lock();
+            if !st.busy {
+                return gate;
+            }
+            // A leader sets `busy` before it takes the gate for its cut: let it have it.
+            drop(gate);
+            while st.busy {
+                self.txm.cv.wait(&mut st);
+            }
+        }
     }
 
     /// Whether `block` was written by the running transaction (not yet sealed).
@@ -617,7 +629,8 @@ impl Engine {
         }
     }
 
-    pub(super) fn stop_committer(&self) {
+    /// Stops the committer thread and waits for it (it may be freeing orphans).
+    pub fn stop_committer(&self) {
         self.txm.tick.ctl.lock().stop = true;
         self.txm.tick.cv.notify_all();
         let handle = self.txm.committer.lock().take();
