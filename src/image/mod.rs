@@ -39,6 +39,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Largest address range reserved for one image; the first that the kernel grants is used.
 const RESERVE_CANDIDATES: [usize; 4] = [1 << 44, 1 << 42, 1 << 40, 1 << 38];
 
+/// Copies into the image at least this long prefault their pages in one call.
+const PREFAULT_MIN: usize = 64 * 1024;
+
 /// A memory-mapped image file whose base address never moves.
 pub struct Image {
     file: File,
@@ -166,10 +169,36 @@ impl Image {
     /// Copies `data` into the image at `off`.
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<()> {
         let start = self.check(off, data.len())?;
+        if data.len() >= PREFAULT_MIN {
+            self.prefault_writable(start, data.len());
+        }
         // SAFETY: bounds checked above; the destination is mapped writable and cannot overlap
         // `data` unless the caller passed a slice of the image itself, which `copy` tolerates.
         unsafe { std::ptr::copy(data.as_ptr(), self.base.add(start), data.len()) };
         Ok(())
+    }
+
+    /// Makes the pages of `[start, start+len)` present and writable in one call. The mapping has
+    /// no readaround (`MADV_RANDOM`), so a large copy would otherwise take one write fault per
+    /// 4 KiB page. Advice only: on failure the copy simply takes the faults.
+    fn prefault_writable(&self, start: usize, len: usize) {
+        let first = start & !(PAGE_SIZE as usize - 1);
+        let end = start + len;
+        // SAFETY: [first, end) lies inside the mapped file (checked by the caller, rounded down
+        // to the page that holds `start`); populating changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                self.base.add(first).cast(),
+                end - first,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            log::trace!(
+                "madvise(MADV_POPULATE_WRITE): {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 
     /// Copies `len` bytes inside the image from `src` to `dst` (ranges may overlap).
