@@ -1,78 +1,112 @@
-//! Command line: `mkfs`, `mount`, `fsck`, `info`. Every failure is one line on stderr and a
-//! non-zero exit; nothing here panics on bad input.
+//! Command line: `mkfs`, `mount`, `fsck`, `info`, `upgrade`. Every failure is one line on
+//! stderr and a non-zero exit; nothing here panics on bad input.
 
-use std::io::{BufRead, BufReader, Write};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::engine::{Engine, OpenMode, check};
+use crate::engine::{Engine, OpenMode, RootDir, check};
 use crate::format::*;
-use crate::fs::Fs;
-use crate::fuse::{FuseAdapter, KernelOptions};
-
-/// Test hook: a file that receives exactly what a power loss is guaranteed to leave (the
-/// flushed state), through the crash simulator (`image::sim`).
-const SHADOW_ENV: &str = "MMAPFS_POWERLOSS_SHADOW";
-
-/// Line the background daemon prints once the mount is live.
-const READY_LINE: &str = "mmapfs: mount is live";
+use crate::mount;
 
 #[derive(Parser)]
 #[command(
     name = "mmapfs",
     version,
-    about = "A persistent FUSE filesystem in one memory-mapped image file"
+    about = "A persistent FUSE filesystem in one memory-mapped image file",
+    arg_required_else_help = true,
+    after_help = "As a mount helper (mount -t fuse.mmapfs, /etc/fstab): mmapfs IMAGE MOUNTPOINT [-o OPTIONS]"
 )]
 pub struct Cli {
     #[command(subcommand)]
     command: Verb,
 }
 
+const SIZE_HELP: &str = "\
+Sizes are bytes, or a number with a binary suffix: K (KiB), M (MiB), G (GiB), T (TiB), P, E;
+a trailing B or iB is accepted (16M = 16MiB = 16777216). The minimum is 1M.";
+
 #[derive(Subcommand)]
 enum Verb {
     /// Create and format an image file.
+    #[command(after_help = SIZE_HELP)]
     Mkfs {
+        /// The image file to create.
         image: PathBuf,
         /// Initial size, e.g. 16M, 4G (the image grows on demand).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Overwrite an existing non-empty file.
         #[arg(long)]
         force: bool,
+        /// Owner of the root directory, UID:GID [default: the caller's].
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
+        /// Permission bits of the root directory, in octal.
+        #[arg(long, value_parser = parse_mode, default_value = "755")]
+        mode: u32,
     },
     /// Mount an image. Returns once the mount is live unless --foreground.
+    #[command(after_help = mount::options::HELP)]
     Mount {
         /// Stay in the foreground until unmounted.
-        #[arg(long)]
+        #[arg(short = 'f', long)]
         foreground: bool,
         /// FUSE worker threads [default: one per CPU, at most 16]. With at least one per CPU,
         /// each is pinned to a CPU (-o no_pin_threads to leave them to the scheduler).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
         threads: Option<u16>,
-        /// Mount options: commit=SECONDS (between commits when nothing calls fsync; default
-        /// 5), ro, noexec, nosuid, nodev, noatime, writeback_cache,
-        /// no_writeback_cache, no_readdirplus, no_clone_fd, no_pin_threads, max_write=BYTES, fsname=NAME,
-        /// read_ahead_kb=N, max_ratio=N,
-        /// strict_limit=0|1, max_bytes=N (backing-device settings), or any kernel FUSE option.
-        #[arg(short = 'o', value_delimiter = ',')]
+        /// Mount options, comma separated (listed below).
+        #[arg(short = 'o')]
         options: Vec<String>,
+        /// Append the daemon's log to this file [default: syslog when in the background,
+        /// stderr with --foreground].
+        #[arg(long, value_name = "PATH")]
+        log_file: Option<PathBuf>,
+        /// The image file.
         image: PathBuf,
+        /// An existing directory to mount it on.
         mountpoint: PathBuf,
     },
     /// Check every invariant of the image; exit 0 when consistent.
     Fsck {
+        /// The image file (not mounted).
         image: PathBuf,
         /// Repair what can be repaired (what a mount does after a crash).
         #[arg(long)]
         repair: bool,
     },
-    /// Show the superblock, capacity, usage and state.
-    Info { image: PathBuf },
+    /// Show the superblock, capacity, usage and state (also of a mounted image).
+    Info {
+        /// The image file.
+        image: PathBuf,
+    },
+    /// Live numbers of a mounted filesystem: requests per operation, bytes read and written,
+    /// fsyncs and their latency, commits, image size and growth.
+    Stats {
+        /// Where the filesystem is mounted.
+        mountpoint: PathBuf,
+        /// Print the Prometheus text format (what an exporter would serve).
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Print a shell completion script (install: scripts/install.sh).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mmapfs.1 and one per verb) into DIR.
+    #[command(hide = true)]
+    Manpages {
+        /// An existing directory.
+        dir: PathBuf,
+    },
     /// Convert a format-version-1 image to the current format, in place; the original is kept
     /// as IMAGE.v1.
     Upgrade {
+        /// The version-1 image file.
         image: PathBuf,
         /// Do not keep the version-1 image.
         #[arg(long)]
@@ -80,9 +114,31 @@ enum Verb {
     },
 }
 
+/// The arguments (without the program name), in the verb form: the mount-helper form
+/// `mmapfs IMAGE MOUNTPOINT [-o OPTIONS]` that mount(8) and mount.fuse3 use becomes
+/// `mmapfs mount IMAGE MOUNTPOINT [-o OPTIONS]`.
+pub fn args() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let verbs: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .chain(["help".to_string()])
+        .collect();
+    if let Some(first) = args.first().and_then(|a| a.to_str())
+        && !first.starts_with('-')
+        && !verbs.iter().any(|v| v == first)
+    {
+        args.insert(0, "mount".into());
+    }
+    args
+}
+
 /// Parses `16M`, `4G`, `512k`, `1T`, `4096`, with optional `B`/`iB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("size {s:?} is negative"));
+    }
     let lower = t.to_ascii_lowercase();
     let stripped = lower
         .strip_suffix("ib")
@@ -93,18 +149,63 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('m') => (&stripped[..stripped.len() - 1], 20),
         Some('g') => (&stripped[..stripped.len() - 1], 30),
         Some('t') => (&stripped[..stripped.len() - 1], 40),
+        Some('p') => (&stripped[..stripped.len() - 1], 50),
+        Some('e') => (&stripped[..stripped.len() - 1], 60),
         _ => (stripped, 0),
     };
     let n: u64 = num
         .parse()
         .map_err(|_| format!("malformed size {s:?} (expected e.g. 16M, 4G)"))?;
+    let max = crate::image::MAX_IMAGE_SIZE;
     let bytes = n
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))?;
+        .filter(|&b| b <= max)
+        .ok_or_else(|| format!("size {s:?} is too large (at most {}T)", max >> 40))?;
     if bytes < MIN_IMAGE_SIZE {
         return Err(format!("size {s:?} is below the minimum of 1M"));
     }
     Ok(bytes)
+}
+
+/// Parses `UID:GID` (numbers).
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s
+        .split_once(':')
+        .ok_or_else(|| format!("owner {s:?}: expected UID:GID, e.g. 1000:1000"))?;
+    match (u.parse(), g.parse()) {
+        (Ok(u), Ok(g)) => Ok((u, g)),
+        _ => Err(format!("owner {s:?}: expected UID:GID, e.g. 1000:1000")),
+    }
+}
+
+/// Parses permission bits in octal (`755`, `0700`, `1777`).
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!(
+            "mode {s:?}: expected octal permission bits, e.g. 755"
+        )),
+    }
+}
+
+impl Cli {
+    /// Where this command logs, and whether it is a mount (which logs at info by default).
+    pub fn log_target(&self) -> (crate::logging::Target, bool) {
+        use crate::logging::Target;
+        match &self.command {
+            Verb::Mount { log_file, .. } => {
+                let target = match log_file {
+                    Some(p) => Target::File(p.clone()),
+                    None if std::env::var_os(crate::logging::DAEMON_ENV).is_some() => {
+                        Target::Syslog
+                    }
+                    None => Target::Stderr,
+                };
+                (target, true)
+            }
+            _ => (Target::Stderr, false),
+        }
+    }
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -114,38 +215,63 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Verb::Mkfs { image, size, force } => match Engine::mkfs(&image, size, force) {
-            Ok(()) => {
-                println!(
-                    "formatted {} ({} bytes)",
-                    image.display(),
-                    size / BLOCK_SIZE * BLOCK_SIZE
-                );
-                ExitCode::SUCCESS
+        Verb::Mkfs {
+            image,
+            size,
+            force,
+            owner,
+            mode,
+        } => {
+            let (uid, gid) = owner.unwrap_or_else(mount::ids);
+            let root = RootDir { uid, gid, mode };
+            match Engine::mkfs_with(&image, size, force, root) {
+                Ok(()) => {
+                    println!(
+                        "formatted {} ({} bytes)",
+                        image.display(),
+                        size / BLOCK_SIZE * BLOCK_SIZE
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
         Verb::Mount {
             foreground,
             threads,
             options,
             image,
             mountpoint,
+            log_file: _,
         } => {
-            if foreground {
-                let threads = threads.unwrap_or_else(crate::workers::default_threads);
-                mount_foreground(&image, &mountpoint, threads, &options)
-            } else {
-                mount_background()
-            }
+            let threads = threads.unwrap_or_else(crate::workers::default_threads);
+            mount::run(&image, &mountpoint, foreground, threads, &options)
         }
         Verb::Fsck { image, repair } => fsck(&image, repair),
         Verb::Info { image } => info(&image),
         Verb::Upgrade { image, no_backup } => upgrade(&image, !no_backup),
+        Verb::Stats {
+            mountpoint,
+            prometheus,
+        } => stats(&mountpoint, prometheus),
+        Verb::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mmapfs", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Verb::Manpages { dir } => match clap_mangen::generate_to(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{}: {e}", dir.display())),
+        },
     }
 }
 
 fn fsck(image: &Path, repair: bool) -> ExitCode {
+    if let Some(holder) = mount::mounted_at(image) {
+        return fail(format!(
+            "{}: image is {holder}; unmount it first (`mmapfs info` reads a mounted image)",
+            image.display()
+        ));
+    }
     // Repair opens the image as a mount does: recovery runs first, and fixes are transactions.
     let open_mode = if repair {
         OpenMode::Mount
@@ -247,19 +373,25 @@ fn upgrade(image: &Path, keep_backup: bool) -> ExitCode {
 }
 
 fn info(image: &Path) -> ExitCode {
+    // A mounted image is locked by its daemon: answer from the superblock at once.
+    if let Some(holder) = mount::mounted_at(image) {
+        let sb = match crate::engine::peek_superblock(image) {
+            Ok(sb) => sb,
+            Err(e) => return fail(e),
+        };
+        print_identity(image, &sb);
+        println!("state:        {holder} (figures as of its last commit)");
+        println!("transaction:  {}", sb.txn);
+        print_usage(&sb);
+        return ExitCode::SUCCESS;
+    }
     let engine = match Engine::open(image, OpenMode::Inspect) {
         Ok(e) => e,
         Err(e) => return fail(e),
     };
     let sb = engine.superblock();
     let rec = engine.recovery();
-    let total = sb.total_blocks.get();
-    let free = sb.free_blocks.get();
-    let mib = |blocks: u64| blocks as f64 * BLOCK_SIZE as f64 / (1 << 20) as f64;
-    let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
-    println!("image:        {}", image.display());
-    println!("format:       mmapfs version {}", sb.version);
-    println!("uuid:         {uuid}");
+    print_identity(image, &sb);
     let state = match rec.state {
         STATE_CLEAN => "clean",
         STATE_ERRORS => "damage was found: run `mmapfs fsck --repair`",
@@ -276,6 +408,113 @@ fn info(image: &Path) -> ExitCode {
             ""
         }
     );
+    print_usage(&sb);
+    if rec.orphans > 0 {
+        println!("orphans:      {} (freed at the next mount)", rec.orphans);
+    }
+    ExitCode::SUCCESS
+}
+
+fn stats(mountpoint: &Path, prometheus: bool) -> ExitCode {
+    let text = mount::device_of(mountpoint).and_then(|dev| crate::stats::fetch(&dev));
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(format!(
+                "{}: no live statistics ({e}); is it an mmapfs mount point?",
+                mountpoint.display()
+            ));
+        }
+    };
+    if prometheus {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    // name{labels} -> value
+    let samples: Vec<(&str, f64)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.strip_prefix("mmapfs_")?, v.parse().ok()?))
+        })
+        .collect();
+    let get = |k: &str| {
+        samples
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map_or(0.0, |(_, v)| *v)
+    };
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    println!("mount:        {}", mountpoint.display());
+    println!("uptime:       {:.0} s", get("uptime_seconds"));
+    let mut requests: Vec<(&str, f64)> = samples
+        .iter()
+        .filter_map(|(k, v)| {
+            let op = k
+                .strip_prefix("requests_total{op=\"")?
+                .strip_suffix("\"}")?;
+            (*v > 0.0).then_some((op, *v))
+        })
+        .collect();
+    requests.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = requests.iter().map(|r| r.1).sum();
+    let list: Vec<String> = requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    println!("requests:     {total} ({})", list.join(", "));
+    println!("read:         {:.1} MiB", mib(get("read_bytes_total")));
+    println!("written:      {:.1} MiB", mib(get("written_bytes_total")));
+    let fsyncs = get("fsync_seconds_count");
+    if fsyncs > 0.0 {
+        // The smallest bucket bound that holds half (and 99%) of the fsyncs.
+        let bound = |q: f64| {
+            samples
+                .iter()
+                .filter_map(|(k, v)| {
+                    let le = k
+                        .strip_prefix("fsync_seconds_bucket{le=\"")?
+                        .strip_suffix("\"}")?;
+                    (*v >= q * fsyncs).then_some(le)
+                })
+                .next()
+                .map_or("?".to_string(), |le| match le.parse::<f64>() {
+                    Ok(s) => format!("{:.0} µs", s * 1e6),
+                    Err(_) => "more".to_string(),
+                })
+        };
+        println!(
+            "fsyncs:       {fsyncs}, mean {:.0} µs, p50 <= {}, p99 <= {}",
+            get("fsync_seconds_sum") / fsyncs * 1e6,
+            bound(0.5),
+            bound(0.99)
+        );
+    } else {
+        println!("fsyncs:       0");
+    }
+    println!(
+        "commits:      {} (transaction {})",
+        get("commits_total"),
+        get("transaction")
+    );
+    println!(
+        "image:        {:.1} MiB ({:+.1} MiB since the mount), {:.1} MiB in use",
+        mib(get("image_bytes")),
+        mib(get("image_bytes") - get("image_bytes_at_mount")),
+        mib(get("used_bytes"))
+    );
+    ExitCode::SUCCESS
+}
+
+fn print_identity(image: &Path, sb: &Superblock) {
+    let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
+    println!("image:        {}", image.display());
+    println!("format:       mmapfs version {}", sb.version);
+    println!("uuid:         {uuid}");
+}
+
+fn print_usage(sb: &Superblock) {
+    let total = sb.total_blocks.get();
+    let free = sb.free_blocks.get().min(total);
+    let mib = |blocks: u64| blocks as f64 * BLOCK_SIZE as f64 / (1 << 20) as f64;
     println!("block size:   {BLOCK_SIZE}");
     println!("capacity:     {total} blocks ({:.1} MiB)", mib(total));
     println!(
@@ -288,319 +527,33 @@ fn info(image: &Path) -> ExitCode {
         "inodes:       {} used, {} slots",
         sb.used_inodes, sb.itab_slots
     );
-    if rec.orphans > 0 {
-        println!("orphans:      {} (freed at the next mount)", rec.orphans);
-    }
-    println!("created:      {} (unix time)", sb.created_sec);
+    println!("created:      {}", utc_date(sb.created_sec.get()));
     println!("mount count:  {}", sb.mount_count);
-    ExitCode::SUCCESS
-}
-
-/// Validates the mount point: it must exist, be a directory and not already be mounted.
-fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
-    let canon = mp
-        .canonicalize()
-        .map_err(|e| format!("mount point {}: {e}", mp.display()))?;
-    if !canon.is_dir() {
-        return Err(format!("mount point {} is not a directory", mp.display()));
-    }
-    if mount_device(&canon).is_some() {
-        return Err(format!(
-            "mount point {} is busy (already mounted)",
-            mp.display()
-        ));
-    }
-    Ok(canon)
-}
-
-/// The device (`MAJOR:MINOR`) of the topmost mount at `mp`, from /proc/self/mountinfo; `None` if
-/// nothing is mounted there (or the table cannot be read).
-fn mount_device(mp: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let target = mp.to_string_lossy();
-    info.lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.get(4).map(|m| unescape_mountinfo(m)).as_deref() == Some(&*target))
-        .filter_map(|f| f.get(2).map(|d| d.to_string()))
-        .next_back()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, options: &[String]) -> ExitCode {
-    let mp = match check_mountpoint(mountpoint) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    // Writeback cache stays opt-in: with it, SEEK_DATA/SEEK_HOLE and st_blocks only see data the
-    // kernel has written back, and the kernel's mtime can differ from the one persisted
-    // (integration tests data::fallocate_modes_and_seek_data_hole, data::sparse_file_at_one_tib,
-    // posix::chmod_chown_and_nanosecond_times fail with it on).
-    let mut kopts = KernelOptions {
-        writeback_cache: false,
-        readdirplus: true,
-        max_write: crate::fuse::MAX_WRITE,
-    };
-    let mut clone_fd = true;
-    let mut pin_threads = true;
-    let mut commit_interval = crate::engine::DEFAULT_COMMIT_INTERVAL;
-    // The kernel holds every FUSE mount to a strict 1% share of the dirty-page limit, which
-    // throttles writes through mappings (mmap sequential writes: 490 -> 1323 MB/s without it, 1 GiB
-    // fio on 2 cores). The limit guards against daemons that cannot make progress on writeback;
-    // this one copies into its own mapping of a file on another device. `-o max_ratio=1,
-    // strict_limit=1` restores the kernel's settings.
-    let mut bdi: Vec<(&'static str, String)> = DEFAULT_BDI
-        .iter()
-        .map(|(k, v)| (*k, v.to_string()))
-        .collect();
-    let canon_image = image.canonicalize().unwrap_or_else(|_| image.to_path_buf());
-    let mut mount_options = vec![
-        fuser::MountOption::FSName(format!("mmapfs:{}", canon_image.display())),
-        fuser::MountOption::Subtype("mmapfs".into()),
-        fuser::MountOption::DefaultPermissions,
-    ];
-    for o in options.iter().filter(|o| !o.is_empty()) {
-        match o.as_str() {
-            "writeback_cache" => kopts.writeback_cache = true,
-            "no_writeback_cache" => kopts.writeback_cache = false,
-            "no_readdirplus" => kopts.readdirplus = false,
-            "no_clone_fd" => clone_fd = false,
-            "no_pin_threads" => pin_threads = false,
-            "ro" => mount_options.push(fuser::MountOption::RO),
-            "rw" => mount_options.push(fuser::MountOption::RW),
-            "exec" => mount_options.push(fuser::MountOption::Exec),
-            "noexec" => mount_options.push(fuser::MountOption::NoExec),
-            "suid" => mount_options.push(fuser::MountOption::Suid),
-            "nosuid" => mount_options.push(fuser::MountOption::NoSuid),
-            "dev" => mount_options.push(fuser::MountOption::Dev),
-            "nodev" => mount_options.push(fuser::MountOption::NoDev),
-            "atime" => mount_options.push(fuser::MountOption::Atime),
-            "noatime" => mount_options.push(fuser::MountOption::NoAtime),
-            "allow_other" | "default_permissions" => {}
-            other => {
-                if let Some(name) = other.strip_prefix("fsname=") {
-                    mount_options[0] = fuser::MountOption::FSName(name.into());
-                    continue;
-                }
-                if let Some(value) = other.strip_prefix("commit=") {
-                    match value.parse::<u64>() {
-                        Ok(n) if (1..=86_400).contains(&n) => {
-                            commit_interval = std::time::Duration::from_secs(n)
-                        }
-                        _ => {
-                            return fail(format!(
-                                "mount option {other}: expected seconds between commits, 1..=86400"
-                            ));
-                        }
-                    }
-                    continue;
-                }
-                if let Some(value) = other.strip_prefix("max_write=") {
-                    match value.parse::<u32>() {
-                        Ok(n) if (4096..=crate::fuse::MAX_WRITE).contains(&n) => {
-                            kopts.max_write = n
-                        }
-                        _ => {
-                            return fail(format!(
-                                "mount option {other}: expected 4096..={}",
-                                crate::fuse::MAX_WRITE
-                            ));
-                        }
-                    }
-                    continue;
-                }
-                if let Some((key, value)) = other.split_once('=')
-                    && let Some(&knob) = BDI_KNOBS.iter().find(|k| **k == key)
-                {
-                    if value.parse::<u64>().is_err() {
-                        return fail(format!("mount option {other}: expected a number"));
-                    }
-                    bdi.retain(|(k, _)| *k != knob);
-                    bdi.push((knob, value.to_string()));
-                    continue;
-                }
-                mount_options.push(fuser::MountOption::CUSTOM(other.into()));
-            }
-        }
-    }
-    // Options are all checked above: only now is the image opened (and marked mounted).
-    let mut engine = match Engine::open(image, OpenMode::Mount) {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
-    engine.set_commit_interval(commit_interval);
-    if let Some(shadow) = std::env::var_os(SHADOW_ENV) {
-        let attached = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&shadow)
-            .and_then(|f| engine.attach_crash_sim(Some(f)));
-        if let Err(e) = attached {
-            return fail(format!("{SHADOW_ENV}: {e}"));
-        }
-    }
-    let mut config = fuser::Config::default();
-    config.mount_options = mount_options;
-    // allow_other when root: integration clients run as other users (pjdfstest, sudo -u).
-    config.acl = if is_root() {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
-    };
-    config.n_threads = Some(usize::from(threads));
-    config.clone_fd = clone_fd;
-    let fs = Fs::new(engine);
-    let adapter = FuseAdapter::new(fs, kopts);
-    let notifier_slot = adapter.notifier_slot();
-    let session = match fuser::Session::new(adapter, &mp, &config) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot mount on {}: {e}", mp.display())),
-    };
-    // Before any request is served: workers start in session.run() below.
-    notifier_slot.set(session.notifier()).ok();
-    if let Err(e) = tune_bdi(&mp, &bdi) {
-        log::warn!("cannot apply backing-device settings: {e}");
-    }
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ]);
-    match signals {
-        Ok(mut signals) => {
-            let mp = mp.clone();
-            std::thread::spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    log::info!("signal {sig}: unmounting");
-                    unmount_on_signal(&mp);
-                }
-            });
-        }
-        Err(e) => log::warn!("cannot install signal handlers: {e}"),
-    }
-    if pin_threads {
-        crate::workers::pin_when_started(usize::from(threads));
-    }
-    log::info!("mounted {} on {}", image.display(), mp.display());
-    println!("{READY_LINE}");
-    std::io::stdout().flush().ok();
-    match session.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(format!(
-            "session on {} ended with an error: {e}",
-            mp.display()
-        )),
+    if sb.last_mount_sec.get() != 0 {
+        println!("last mount:   {}", utc_date(sb.last_mount_sec.get()));
     }
 }
 
-/// Per-mount backing-device settings the `-o` options may set (files in /sys/class/bdi/DEV/):
-/// readahead size, and the dirty-page limit the kernel imposes on FUSE mounts (a strict 1%).
-const BDI_KNOBS: [&str; 4] = ["read_ahead_kb", "max_ratio", "strict_limit", "max_bytes"];
-/// What the daemon sets unless told otherwise (see `mount_foreground`).
-const DEFAULT_BDI: [(&str, &str); 2] = [("max_ratio", "40"), ("strict_limit", "0")];
-
-/// Writes backing-device settings of the mount at `mp`. The device is found in
-/// /proc/self/mountinfo, not by stat(), which would wait for this very daemon to answer.
-fn tune_bdi(mp: &Path, settings: &[(&str, String)]) -> Result<(), String> {
-    if settings.is_empty() {
-        return Ok(());
-    }
-    let dev = mount_device(mp).ok_or("mount not found in /proc/self/mountinfo")?;
-    for (knob, value) in settings {
-        let path = format!("/sys/class/bdi/{dev}/{knob}");
-        std::fs::write(&path, value).map_err(|e| format!("{path}: {e}"))?;
-        log::info!("{path} = {value}");
-    }
-    Ok(())
+/// `2026-11-29 01:23:45 UTC` for seconds since the epoch (days to civil date: H. Hinnant).
+fn utc_date(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
 }
-
-/// Unmounts after SIGTERM/SIGINT/SIGHUP. A mount can be busy for a moment (the kernel releases a
-/// just-closed file asynchronously), so this retries for a while, then detaches it lazily: the
-/// session then ends when the last user lets go.
-fn unmount_on_signal(mp: &Path) {
-    let fusermount = |lazy: bool| {
-        let mut cmd = Command::new("fusermount3");
-        cmd.arg("-u").arg("-q");
-        if lazy {
-            cmd.arg("-z");
-        }
-        cmd.arg("--")
-            .arg(mp)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        cmd.status().is_ok_and(|s| s.success())
-    };
-    for _ in 0..50 {
-        if fusermount(false) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    log::warn!("{} stayed busy; detaching it", mp.display());
-    if !fusermount(true) {
-        log::error!("cannot unmount {}", mp.display());
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
-}
-
-/// Runs this program again with `--foreground` in a new process group, relays its messages
-/// until it reports the mount live, then returns, leaving it in the background.
-fn mount_background() -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => return fail(format!("cannot find own executable: {e}")),
-    };
-    let (reader, writer) = match std::io::pipe() {
-        Ok(p) => p,
-        Err(e) => return fail(format!("cannot create pipe: {e}")),
-    };
-    let writer2 = match writer.try_clone() {
-        Ok(w) => w,
-        Err(e) => return fail(format!("cannot create pipe: {e}")),
-    };
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // Insert --foreground right after the verb.
-    let verb_pos = args.iter().position(|a| a == "mount").unwrap_or(0);
-    args.insert(verb_pos + 1, "--foreground".into());
-    let child = Command::new(exe)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(writer2)
-        .process_group(0)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot start the daemon: {e}")),
-    };
-    let reader = BufReader::new(reader);
-    for line in reader.lines() {
-        let Ok(line) = line else { break };
-        if line == READY_LINE {
-            return ExitCode::SUCCESS;
-        }
-        eprintln!("{line}");
-    }
-    match child.wait() {
-        Ok(status) if status.success() => fail("the daemon exited before the mount was live"),
-        Ok(_) => ExitCode::FAILURE,
-        Err(e) => fail(format!("waiting for the daemon: {e}")),
-    }
-}
-
-use std::os::unix::process::CommandExt;
 
 #[cfg(test)]
 mod tests {
@@ -618,5 +571,16 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("4k").is_err());
         assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("1E").unwrap_err().contains("too large"));
+        assert!(parse_size("-5M").unwrap_err().contains("negative"));
+        assert_eq!(parse_size("16T"), Ok(16 << 40));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_date(1_795_894_927), "2026-11-28 19:42:07 UTC");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_date(-1), "1969-12-31 23:59:59 UTC");
     }
 }

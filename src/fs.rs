@@ -117,6 +117,9 @@ impl<'a> Changer<'a> {
 pub struct RenameFlags {
     pub noreplace: bool,
     pub exchange: bool,
+    /// `RENAME_WHITEOUT`: leave a whiteout (a 0/0 character device, what overlayfs uses to
+    /// hide a lower file) owned by this caller at the old name.
+    pub whiteout: Option<Ctx>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -242,8 +245,14 @@ pub fn attr_of(ino: u64, rec: &Inode) -> Attr {
 impl Fs {
     /// The filesystem over an opened engine; starts its committer thread when writable.
     pub fn new(engine: Engine) -> Fs {
+        let fs = Fs::new_idle(engine);
+        fs.start();
+        fs
+    }
+
+    /// The filesystem over an opened engine, writing nothing until `start`.
+    pub fn new_idle(engine: Engine) -> Fs {
         let engine = Arc::new(engine);
-        engine.start_committer();
         Fs {
             engine,
             kernel_owns_write_times: false,
@@ -252,8 +261,18 @@ impl Fs {
     }
 
     /// See `kernel_owns_write_times` (set when the writeback cache is on).
+    /// Starts the committer thread (periodic commits, freeing files left unlinked at a crash).
+    pub fn start(&self) {
+        self.engine.start_committer();
+    }
+
     pub fn set_kernel_owns_write_times(&mut self, on: bool) {
         self.kernel_owns_write_times = on;
+    }
+
+    /// A handle on the engine that does not keep it alive (the stats server).
+    pub fn engine_weak(&self) -> std::sync::Weak<Engine> {
+        Arc::downgrade(&self.engine)
     }
 
     pub fn engine(&self) -> &Engine {
@@ -767,12 +786,16 @@ impl Fs {
     ) -> Result<()> {
         check_name(name)?;
         check_name(newname)?;
-        if flags.exchange && flags.noreplace {
+        if flags.exchange && (flags.noreplace || flags.whiteout.is_some()) {
             return Err(Error::Invalid);
         }
         // Begun before the rename lock: a commit waits for running transactions, so none may
         // wait for the lock while another holds it and waits for the commit.
-        let tx = self.engine.begin(2 * OP_BLOCKS)?;
+        let tx = self.engine.begin(if flags.whiteout.is_some() {
+            3 * OP_BLOCKS
+        } else {
+            2 * OP_BLOCKS
+        })?;
         let _r = self.rename_lock.lock();
         let find = |p: u64, n: &[u8]| -> Result<Option<(u64, u8)>> {
             let _g = self.engine.lock_read(p);
@@ -885,7 +908,25 @@ impl Fs {
                             .dir_insert(&tx, target_dir, newname, src, src_dtype)?;
                     }
                 }
-                self.engine.dir_remove(&tx, &mut pdir, name)?;
+                match flags.whiteout {
+                    Some(owner) => {
+                        let (wino, mut wrec) = self.engine.alloc_inode(
+                            &tx,
+                            &NewInode {
+                                mode: libc::S_IFCHR,
+                                uid: owner.uid,
+                                gid: owner.gid,
+                                rdev: 0,
+                            },
+                        )?;
+                        self.engine.write_inode(&tx, wino, &mut wrec)?;
+                        self.engine
+                            .dir_replace(&tx, &mut pdir, name, wino, libc::DT_CHR)?;
+                    }
+                    None => {
+                        self.engine.dir_remove(&tx, &mut pdir, name)?;
+                    }
+                }
                 if src_is_dir && !same_dir {
                     src_rec.parent = newparent.into();
                     pdir.nlink = pdir.nlink.get().saturating_sub(1).into();

@@ -9,13 +9,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use crate::error::Error;
 use crate::fs::{Attr, Changer, Ctx, FileKind, Fs, SetAttr, SetTime, Time};
+use crate::stats::{Op, Stats};
 
 /// How long the kernel may cache attributes and entries, including negative entries. Every
 /// change goes through this mount (the image is locked exclusively) and the kernel invalidates
@@ -31,11 +33,35 @@ pub struct KernelOptions {
     pub readdirplus: bool,
     /// Largest write request asked of the kernel (bytes).
     pub max_write: u32,
+    pub ownership: Ownership,
+}
+
+/// How ownership and permissions are shown (`-o uid=,gid=,umask=`): the image keeps what was
+/// stored; only the attributes the kernel sees (and checks permissions against) change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Permission bits cleared from every file's mode.
+    pub umask: u16,
+}
+
+impl Ownership {
+    fn apply(&self, mut attr: FileAttr) -> FileAttr {
+        attr.uid = self.uid.unwrap_or(attr.uid);
+        attr.gid = self.gid.unwrap_or(attr.gid);
+        attr.perm &= !self.umask;
+        attr
+    }
 }
 
 pub struct FuseAdapter {
     fs: Fs,
     opts: KernelOptions,
+    /// Set once the kernel's INIT arrived: before it nothing is served or written, so a mount
+    /// that fails leaves the image exactly as it was.
+    initialized: bool,
+    stats: Arc<Stats>,
     /// Tells the kernel what changed behind its back; set once the session exists
     /// (`FuseAdapter::notifier_slot`).
     notifier: Arc<OnceLock<Notifier>>,
@@ -47,8 +73,20 @@ impl FuseAdapter {
         FuseAdapter {
             fs,
             opts,
+            initialized: false,
+            stats: Arc::default(),
             notifier: Arc::default(),
         }
+    }
+
+    /// The live counters (served by `stats::serve`).
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The engine, weakly (for the stats server).
+    pub fn engine_weak(&self) -> std::sync::Weak<crate::engine::Engine> {
+        self.fs.engine_weak()
     }
 
     /// Where the caller puts the session's notifier (`fuser::Session::notifier`) once the
@@ -156,9 +194,9 @@ fn set_time(t: TimeOrNow) -> SetTime {
     }
 }
 
-fn reply_entry(reply: ReplyEntry, r: Result<Attr, Error>) {
+fn reply_entry(reply: ReplyEntry, view: &Ownership, r: Result<Attr, Error>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(a.generation)),
+        Ok(a) => reply.entry(&TTL, &view.apply(file_attr(&a)), Generation(a.generation)),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -179,6 +217,14 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Error>) {
         Err(e) => reply.error(errno(&e)),
     }
 }
+
+// The inode-flag ioctls (linux/fs.h): `_IOR('f', 1, long)` and friends.
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
 
 /// Open replies keep the page cache (nothing changes the file behind the kernel's back) and
 /// skip FLUSH on close (data is in the mapping when a write returns; flush has nothing to do).
@@ -208,7 +254,9 @@ impl Filesystem for FuseAdapter {
         if let Err(unsupported) = config.add_capabilities(wanted & caps) {
             log::warn!("kernel lacks FUSE capabilities {unsupported:?}");
         }
-        log::info!(
+        self.initialized = true;
+        self.fs.start();
+        log::debug!(
             "FUSE init: writeback_cache={} readdirplus={}",
             self.opts.writeback_cache,
             self.opts.readdirplus
@@ -217,28 +265,34 @@ impl Filesystem for FuseAdapter {
     }
 
     fn destroy(&mut self) {
+        if !self.initialized {
+            return;
+        }
         if let Err(e) = self.fs.shutdown() {
             log::error!("flushing the image at unmount failed: {e}");
         }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.stats.count(Op::Lookup);
         match self.fs.lookup(parent.0, name.as_bytes()) {
             // Inode 0 with a timeout: the kernel caches the name as absent.
             Err(Error::NotFound) => reply.entry(&TTL, &negative_entry(), Generation(0)),
-            r => reply_entry(reply, r),
+            r => reply_entry(reply, &self.opts.ownership, r),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.stats.count(Op::Forget);
         if let Err(e) = self.fs.forget(ino.0, nlookup) {
             log::error!("forget {}: {e}", ino.0);
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.stats.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&TTL, &self.opts.ownership.apply(file_attr(&a))),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -261,6 +315,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.stats.count(Op::Setattr);
         let s = SetAttr {
             mode,
             uid,
@@ -275,12 +330,13 @@ impl Filesystem for FuseAdapter {
         let in_group = |gid| requester_in_group(req, gid);
         let by = Changer::new(req.uid() == 0, &in_group);
         match self.fs.setattr(ino.0, &s, &by) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&TTL, &self.opts.ownership.apply(file_attr(&a))),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.stats.count(Op::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -297,8 +353,10 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.stats.count(Op::Mknod);
         reply_entry(
             reply,
+            &self.opts.ownership,
             self.fs
                 .mknod(parent.0, name.as_bytes(), mode, rdev, ctx(req)),
         );
@@ -313,17 +371,21 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.stats.count(Op::Mkdir);
         reply_entry(
             reply,
+            &self.opts.ownership,
             self.fs.mkdir(parent.0, name.as_bytes(), mode, ctx(req)),
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Unlink);
         reply_empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Rmdir);
         reply_empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
     }
 
@@ -335,18 +397,19 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.stats.count(Op::Symlink);
         let r = self.fs.symlink(
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
             ctx(req),
         );
-        reply_entry(reply, r);
+        reply_entry(reply, &self.opts.ownership, r);
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -354,12 +417,13 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return reply.error(Errno::from_i32(libc::EINVAL));
-        }
+        self.stats.count(Op::Rename);
         let f = crate::fs::RenameFlags {
             noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
             exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            whiteout: flags
+                .contains(RenameFlags::RENAME_WHITEOUT)
+                .then(|| ctx(req)),
         };
         let r = self.fs.rename(
             parent.0,
@@ -379,7 +443,12 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        self.stats.count(Op::Link);
+        reply_entry(
+            reply,
+            &self.opts.ownership,
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+        );
     }
 
     // File handles carry no state here (reads and writes go by inode), so OPEN answers ENOSYS:
@@ -387,6 +456,7 @@ impl Filesystem for FuseAdapter {
     // itself with FOPEN_KEEP_CACHE. Opening and closing an existing file costs no round trip:
     // reading back small cached files went from about 25k to 120k files/s.
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count(Op::Open);
         reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
@@ -401,11 +471,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.stats.count(Op::Read);
         // The reply is sent from inside the core's read, so a contiguous extent goes to the
         // kernel straight from the mapping.
         let mut reply = Some(reply);
         let r = self.fs.read(ino.0, offset, size, |data| {
             if let Some(r) = reply.take() {
+                self.stats.read_bytes(data.len());
                 r.data(data);
             }
         });
@@ -426,6 +498,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.stats.count(Op::Write);
         let in_group = |gid| requester_in_group(req, gid);
         let killing = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let by = Changer::new(!killing, &in_group);
@@ -448,6 +521,7 @@ impl Filesystem for FuseAdapter {
                         None => log::warn!("no notifier: inode {} attributes stay cached", ino.0),
                     }
                 }
+                self.stats.written_bytes(n as usize);
                 reply.written(n)
             }
             Err(e) => reply.error(errno(&e)),
@@ -466,6 +540,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.stats.count(Op::Flush);
         reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
@@ -477,12 +552,17 @@ impl Filesystem for FuseAdapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.fs.fsync(ino.0, datasync));
+        self.stats.count(Op::Fsync);
+        let start = std::time::Instant::now();
+        let r = self.fs.fsync(ino.0, datasync);
+        self.stats.fsync_done(start.elapsed());
+        reply_empty(reply, r);
     }
 
     // Directories keep OPENDIR (unlike files, see `open`): without it the kernel would cache
     // listings (FOPEN_CACHE_DIR) and miss that a directory moved by rename has a new "..".
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count(Op::Opendir);
         match self.fs.getattr(ino.0) {
             Ok(a) if a.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
@@ -498,6 +578,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.stats.count(Op::Readdir);
         let r = self.fs.readdir(ino.0, offset, false, &mut |e| {
             !reply.add(
                 INodeNo(e.ino),
@@ -520,13 +601,14 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.stats.count(Op::Readdir);
         let r = self.fs.readdir(ino.0, offset, true, &mut |e| match e.attr {
             Some(a) => !reply.add(
                 INodeNo(e.ino),
                 e.next,
                 OsStr::from_bytes(e.name),
                 &TTL,
-                &file_attr(a),
+                &self.opts.ownership.apply(file_attr(a)),
                 Generation(a.generation),
             ),
             None => true,
@@ -545,10 +627,15 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.fs.fsync(ino.0, false));
+        self.stats.count(Op::Fsyncdir);
+        let start = std::time::Instant::now();
+        let r = self.fs.fsync(ino.0, false);
+        self.stats.fsync_done(start.elapsed());
+        reply_empty(reply, r);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.stats.count(Op::Statfs);
         let s = self.fs.statfs();
         reply.statfs(
             s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
@@ -565,6 +652,7 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.stats.count(Op::Setxattr);
         reply_empty(
             reply,
             self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
@@ -572,14 +660,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.stats.count(Op::Getxattr);
         reply_xattr(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.stats.count(Op::Listxattr);
         reply_xattr(reply, size, self.fs.listxattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Removexattr);
         reply_empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
     }
 
@@ -593,10 +684,11 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.stats.count(Op::Create);
         match self.fs.create(parent.0, name.as_bytes(), mode, ctx(req)) {
             Ok(a) => reply.created(
                 &TTL,
-                &file_attr(&a),
+                &self.opts.ownership.apply(file_attr(&a)),
                 Generation(a.generation),
                 FileHandle(0),
                 OPEN_FLAGS,
@@ -615,7 +707,38 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.stats.count(Op::Fallocate);
         reply_empty(reply, self.fs.fallocate(ino.0, offset, length, mode));
+    }
+
+    /// The inode-flag ioctls (lsattr/chattr, `FS_IOC_FSGETXATTR`): no flag is stored, so every
+    /// file reports none and setting none succeeds. Anything else is not a terminal (ENOTTY),
+    /// answered quietly.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        self.stats.count(Op::Ioctl);
+        let all_zero = in_data.iter().all(|&b| b == 0);
+        match cmd {
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS | FS_IOC_FSGETXATTR => {
+                reply.ioctl(0, &vec![0u8; (out_size as usize).min(64)]);
+            }
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR if all_zero => {
+                reply.ioctl(0, &[]);
+            }
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR => {
+                reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            }
+            _ => reply.error(Errno::from_i32(libc::ENOTTY)),
+        }
     }
 
     fn lseek(
@@ -627,6 +750,7 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.stats.count(Op::Lseek);
         if self.opts.writeback_cache {
             // The kernel sends LSEEK without writing its dirty pages back first, so data it still
             // caches would look like a hole. ENOSYS makes it fall back to "all data up to EOF":
@@ -655,6 +779,7 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.stats.count(Op::CopyFileRange);
         let len = len.min(u64::from(u32::MAX) & !0xfff);
         match self
             .fs

@@ -1,17 +1,30 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
-/// fuser warns when its own unmount-on-exit finds the mount already gone (`fusermount3 -u`),
-/// which is the normal way to stop: its session warnings are kept out of the default log.
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,fuser::session=error"),
-    )
-    .format_timestamp_millis()
-    .init();
-    match mmapfs::cli::Cli::try_parse() {
-        Ok(cli) => mmapfs::cli::run(cli),
+    if std::env::var_os(mmapfs::logging::DAEMON_ENV).is_some() {
+        mmapfs::sys::close_inherited_fds();
+    }
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "mmapfs".into());
+    let args = std::iter::once(argv0).chain(mmapfs::cli::args());
+    match mmapfs::cli::Cli::try_parse_from(args) {
+        Ok(cli) => {
+            let (target, daemon) = cli.log_target();
+            if let Err(e) = mmapfs::logging::init(target, daemon) {
+                eprintln!("mmapfs: {e}");
+                return ExitCode::FAILURE;
+            }
+            mmapfs::cli::run(cli)
+        }
+        // No verb: the list of verbs, as `mmapfs --help` shows it.
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            e.print().ok();
+            ExitCode::from(2)
+        }
         Err(e) if e.use_stderr() => {
             // One line: clap's first paragraph names the bad argument and why.
             let text = e.render().to_string();

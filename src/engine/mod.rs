@@ -42,7 +42,7 @@ use crate::image::{Image, VolatileTable};
 
 pub use data::DataRun;
 pub use dir::DirEntry;
-pub use open::{OpenError, OpenMode, Recovery};
+pub use open::{OpenError, OpenMode, Recovery, RootDir, peek_superblock};
 pub use tree::Run;
 pub use txn::{DEFAULT_COMMIT_INTERVAL, Tx};
 pub use xattr::SetMode;

@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -49,7 +49,8 @@ pub enum OpenError {
 pub enum OpenMode {
     /// Mount: lock exclusively, recover, allow changes.
     Mount,
-    /// Read-only inspection (fsck, info): lock exclusively, change nothing.
+    /// Read only (fsck, info, `mount -o ro`): lock exclusively, change nothing; the file is
+    /// opened and mapped read-only.
     Inspect,
 }
 
@@ -348,9 +349,46 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
     }
 }
 
+/// The superblock of the state a mount would use, read without taking the lock (for `info` of
+/// a mounted image: the newest commit that reached the page cache, without waiting for more).
+pub fn peek_superblock(path: &Path) -> std::result::Result<Superblock, OpenError> {
+    let p = path.display().to_string();
+    let file = File::open(path).map_err(|source| OpenError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    Ok(choose_state(&file, &p)?.sb)
+}
+
 impl Engine {
-    /// Formats `path` as a new image of `size` bytes.
+    /// Formats `path` as a new image of `size` bytes, its root directory owned by root, 0755.
     pub fn mkfs(path: &Path, size: u64, force: bool) -> std::result::Result<(), OpenError> {
+        Engine::mkfs_with(path, size, force, RootDir::default())
+    }
+
+    /// Formats `path` as a new image of `size` bytes with the given root directory. A file this
+    /// call created is removed again if formatting fails; an existing one is checked for space
+    /// before it is truncated.
+    pub fn mkfs_with(
+        path: &Path,
+        size: u64,
+        force: bool,
+        root: RootDir,
+    ) -> std::result::Result<(), OpenError> {
+        let existed = path.exists();
+        let r = Engine::format_file(path, size, force, root);
+        if r.is_err() && !existed {
+            std::fs::remove_file(path).ok();
+        }
+        r
+    }
+
+    fn format_file(
+        path: &Path,
+        size: u64,
+        force: bool,
+        root: RootDir,
+    ) -> std::result::Result<(), OpenError> {
         let p = path.display().to_string();
         let io_err = |source| OpenError::Io {
             path: p.clone(),
@@ -376,10 +414,22 @@ impl Engine {
         if !image::try_lock_exclusive(&file).map_err(io_err)? {
             return Err(OpenError::Busy(p));
         }
+        // The space must be there before an existing file's contents are given up.
+        let held = file.metadata().map_err(io_err)?.blocks() * 512;
+        let free = crate::sys::host_free_bytes(&file).map_err(io_err)?;
+        if size > free.saturating_add(held) {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{size} bytes do not fit on the host filesystem ({} bytes free)",
+                    free.saturating_add(held)
+                ),
+            )));
+        }
         file.set_len(0).map_err(io_err)?;
         let img = Image::map(file).map_err(io_err)?;
         img.grow(size).map_err(io_err)?;
-        format(&img, size).map_err(|e| io_err(io::Error::other(e.to_string())))?;
+        format(&img, size, root).map_err(|e| io_err(io::Error::other(e.to_string())))?;
         img.sync_all().map_err(io_err)?;
         Ok(())
     }
@@ -391,9 +441,10 @@ impl Engine {
             path: p.clone(),
             source,
         };
+        // Inspection only reads: it works on an image the user may only read.
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(mode == OpenMode::Mount)
             .open(path)
             .map_err(io_err)?;
         if !file.metadata().map_err(io_err)?.is_file() {
@@ -422,7 +473,11 @@ impl Engine {
             resized = Some((len, want_len));
         }
         let map_len = want_len.min(len) / BLOCK_SIZE * BLOCK_SIZE;
-        let img = Image::map_prefix(file, map_len).map_err(io_err)?;
+        let img = match mode {
+            OpenMode::Mount => Image::map_prefix(file, map_len),
+            OpenMode::Inspect => Image::map_read_only(file, map_len),
+        }
+        .map_err(io_err)?;
         if mode == OpenMode::Mount && map_len < want_len {
             // A committed growth whose new file length had not reached the disk: the space
             // was free, so zeros are right.
@@ -554,7 +609,26 @@ impl Engine {
 /// Writes a fresh image's blocks. Layout: 0 and 1 superblock slots, 2 the space-map root,
 /// 3 the bitmap of group 0, 4 the inode-table root, 5 its first leaf, then (large images) the
 /// other space-map nodes; every other group's bitmap is its own first block.
-fn format(img: &Image, size: u64) -> Result<()> {
+/// Owner and permissions of a new image's root directory.
+#[derive(Clone, Copy, Debug)]
+pub struct RootDir {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (at most 0o7777).
+    pub mode: u32,
+}
+
+impl Default for RootDir {
+    fn default() -> RootDir {
+        RootDir {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+        }
+    }
+}
+
+fn format(img: &Image, size: u64, root: RootDir) -> Result<()> {
     const TXN: u64 = 1;
     let total = size / BLOCK_SIZE;
     let groups = total.div_ceil(GROUP_BLOCKS);
@@ -621,7 +695,9 @@ fn format(img: &Image, size: u64) -> Result<()> {
     for ino in 0..INODES_PER_BLOCK {
         let mut rec = Inode::new_zeroed();
         if ino == ROOT_INO {
-            rec.mode = (libc::S_IFDIR | 0o755).into();
+            rec.mode = (libc::S_IFDIR | (root.mode & 0o7777)).into();
+            rec.uid = root.uid.into();
+            rec.gid = root.gid.into();
             rec.nlink = 2.into();
             rec.parent = ROOT_INO.into();
             set_all_times_now(&mut rec);

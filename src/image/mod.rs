@@ -1,4 +1,5 @@
-//! The mapping of the image file: the ONLY module with `unsafe` (its `sim` submodule has none).
+//! The mapping of the image file: with `sys`, the only module with `unsafe` (its `sim`
+//! submodule has none).
 //!
 //! Invariants:
 //! - The whole address range `[base, base + reserved)` is reserved once, at open, as one
@@ -39,6 +40,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Largest address range reserved for one image; the first that the kernel grants is used.
 const RESERVE_CANDIDATES: [usize; 4] = [1 << 44, 1 << 42, 1 << 40, 1 << 38];
 
+/// Largest image this build can map (the first reservation candidate).
+pub const MAX_IMAGE_SIZE: u64 = RESERVE_CANDIDATES[0] as u64;
+
 /// Copies into the image at least this long prefault their pages in one call.
 const PREFAULT_MIN: usize = 64 * 1024;
 
@@ -50,6 +54,8 @@ pub struct Image {
     len: AtomicUsize,
     grow_lock: Mutex<()>,
     sim: Option<sim::CrashSim>,
+    /// False for a read-only mapping: every store is refused before it reaches it.
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the callers
@@ -69,6 +75,16 @@ impl Image {
     /// Like `map`, with an initial length of `len` bytes, at most the file's size: the rest of
     /// the file is left alone (a tail the image does not own yet).
     pub fn map_prefix(file: File, len: u64) -> io::Result<Image> {
+        Image::map_with(file, len, true)
+    }
+
+    /// Maps `len` bytes of `file` for reading only (the file may be opened read-only): any store
+    /// through it faults, so nothing can change the image.
+    pub fn map_read_only(file: File, len: u64) -> io::Result<Image> {
+        Image::map_with(file, len, false)
+    }
+
+    fn map_with(file: File, len: u64, writable: bool) -> io::Result<Image> {
         if len > file.metadata()?.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -93,7 +109,11 @@ impl Image {
                 libc::mmap(
                     std::ptr::null_mut(),
                     reserved,
-                    libc::PROT_READ | libc::PROT_WRITE,
+                    if writable {
+                        libc::PROT_READ | libc::PROT_WRITE
+                    } else {
+                        libc::PROT_READ
+                    },
                     libc::MAP_SHARED | libc::MAP_NORESERVE,
                     file.as_raw_fd(),
                     0,
@@ -119,6 +139,7 @@ impl Image {
                 len: AtomicUsize::new(len),
                 grow_lock: Mutex::new(()),
                 sim: None,
+                writable,
             });
         }
         Err(last_err)
@@ -157,6 +178,14 @@ impl Image {
         }
     }
 
+    /// Like `check`, for a store: refused on a read-only mapping.
+    fn check_mut(&self, off: u64, len: usize) -> io::Result<usize> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        self.check(off, len)
+    }
+
     /// Borrows `len` bytes at `off`. The slice points into the mapping (no copy).
     pub fn bytes(&self, off: u64, len: usize) -> io::Result<&[u8]> {
         let start = self.check(off, len)?;
@@ -168,7 +197,7 @@ impl Image {
 
     /// Copies `data` into the image at `off`.
     pub fn write(&self, off: u64, data: &[u8]) -> io::Result<()> {
-        let start = self.check(off, data.len())?;
+        let start = self.check_mut(off, data.len())?;
         if data.len() >= PREFAULT_MIN {
             self.prefault_writable(start, data.len());
         }
@@ -204,7 +233,7 @@ impl Image {
     /// Copies `len` bytes inside the image from `src` to `dst` (ranges may overlap).
     pub fn copy_within(&self, src: u64, dst: u64, len: usize) -> io::Result<()> {
         let s = self.check(src, len)?;
-        let d = self.check(dst, len)?;
+        let d = self.check_mut(dst, len)?;
         // SAFETY: both ranges are bounds checked; `ptr::copy` handles overlap.
         unsafe { std::ptr::copy(self.base.add(s), self.base.add(d), len) };
         Ok(())
@@ -212,7 +241,7 @@ impl Image {
 
     /// Zeroes `len` bytes at `off`.
     pub fn zero(&self, off: u64, len: usize) -> io::Result<()> {
-        let start = self.check(off, len)?;
+        let start = self.check_mut(off, len)?;
         // SAFETY: bounds checked above; the range is mapped writable.
         unsafe { std::ptr::write_bytes(self.base.add(start), 0, len) };
         Ok(())
@@ -239,6 +268,7 @@ impl Image {
     /// Publishes a little-endian u64 slot (everything written before is visible to a reader
     /// that sees the new value).
     pub fn store_u64(&self, off: u64, value: u64) -> io::Result<()> {
+        self.check_mut(off, 8)?;
         self.atomic_u64(off)?
             .store(value.to_le(), Ordering::Release);
         Ok(())
@@ -247,6 +277,9 @@ impl Image {
     /// Grows the image file to `new_len` bytes: host space is allocated first, so a full disk is
     /// an `ENOSPC` error here instead of a `SIGBUS` later.
     pub fn grow(&self, new_len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
         let _guard = self.grow_lock.lock();
         let old = self.len();
         if new_len <= old {

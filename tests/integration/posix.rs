@@ -1130,3 +1130,85 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
     }
     m.finish();
 }
+
+/// Runs `f` on a fresh tmpfs (the reference) and returns its result.
+fn on_tmpfs<T>(f: impl FnOnce(&Path) -> T) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(dir.path()));
+    assert!(out.status.success(), "mount tmpfs: {}", describe(&out));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dir.path())));
+    let _ = Command::new("umount").arg(dir.path()).status();
+    r.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// RENAME_WHITEOUT (overlayfs on an upper directory here): the file moves and a 0/0 character
+/// device takes its old name, as on tmpfs; it survives a remount and fsck is clean.
+#[test]
+fn rename_whiteout_as_on_tmpfs() {
+    let outcome = |root: &Path| {
+        fs::write(root.join("a"), b"A").unwrap();
+        fs::write(root.join("over"), b"old").unwrap();
+        renameat2(&root.join("a"), &root.join("b"), libc::RENAME_WHITEOUT).unwrap();
+        renameat2(&root.join("b"), &root.join("over"), libc::RENAME_WHITEOUT).unwrap();
+        let both = renameat2(
+            &root.join("over"),
+            &root.join("a"),
+            libc::RENAME_WHITEOUT | libc::RENAME_EXCHANGE,
+        );
+        let mut names: Vec<(String, u32, u64)> = fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let md = fs::symlink_metadata(e.path()).unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    md.mode() & libc::S_IFMT,
+                    md.rdev(),
+                )
+            })
+            .collect();
+        names.sort();
+        (names, fs::read(root.join("over")).unwrap(), both)
+    };
+    let want = on_tmpfs(outcome);
+    let mut m = Mount::new();
+    assert_eq!(outcome(m.path()), want);
+    m.remount();
+    let md = fs::symlink_metadata(m.p("a")).unwrap();
+    assert!(md.file_type().is_char_device() && md.rdev() == 0);
+    assert_eq!(fs::read(m.p("over")).unwrap(), b"A");
+    m.finish();
+}
+
+/// lsattr/chattr work through the inode-flag ioctls (no flag is stored: setting one is
+/// EOPNOTSUPP), an unknown ioctl is ENOTTY, and none of them fills the daemon's log.
+#[test]
+fn inode_flag_ioctls_and_unknown_ioctls() {
+    let m = Mount::new();
+    fs::write(m.p("f"), b"x").unwrap();
+    let f = m.p("f");
+    let out = run(Command::new("lsattr").arg(&f));
+    assert!(out.status.success(), "lsattr: {}", describe(&out));
+    let out = run(Command::new("chattr").arg("-A").arg(&f));
+    assert!(out.status.success(), "chattr -A: {}", describe(&out));
+    let out = run(Command::new("chattr").arg("+i").arg(&f));
+    assert!(!out.status.success(), "chattr +i: {}", describe(&out));
+    let file = File::open(&f).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..100 {
+        // SAFETY: TCGETS writes at most sizeof(struct termios) < 64 bytes into `buf`.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::TCGETS,
+                buf.as_mut_ptr(),
+            )
+        };
+        assert_eq!(check(r), Err(libc::ENOTTY));
+    }
+    drop(file);
+    assert!(!m.log().contains("Not Implemented"), "{}", m.log());
+    m.finish();
+}
