@@ -313,6 +313,9 @@ fn fsck(image: &Path, repair: bool) -> ExitCode {
     };
     match check::run(&engine, mode) {
         Ok(report) => {
+            for f in &report.found {
+                println!("found: {f}");
+            }
             for r in &report.repaired {
                 println!("repaired: {r}");
             }

@@ -258,7 +258,6 @@ fn socket_name(dev: &str) -> String {
 /// engine is held weakly: the server never keeps an unmounted filesystem alive.
 pub fn serve(dev: &str, stats: Arc<Stats>, engine: Weak<Engine>) -> std::io::Result<()> {
     let addr = SocketAddr::from_abstract_name(socket_name(dev))?;
-    let listener = UnixListener::bind_addr(&addr)?;
     let at_mount = match engine.upgrade() {
         Some(e) => AtMount {
             txn: e.durable_txn(),
@@ -269,6 +268,22 @@ pub fn serve(dev: &str, stats: Arc<Stats>, engine: Weak<Engine>) -> std::io::Res
     std::thread::Builder::new()
         .name("mmapfs-stats".into())
         .spawn(move || {
+            // The daemon of an earlier mount with the same device number may still hold the
+            // name for a moment while it finishes (umount returns before it exits).
+            let mut tries = 0;
+            let listener = loop {
+                match UnixListener::bind_addr(&addr) {
+                    Ok(l) => break l,
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => {
+                        log::warn!("live statistics unavailable: {e}");
+                        return;
+                    }
+                }
+            };
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
                 let Some(e) = engine.upgrade() else { return };

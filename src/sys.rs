@@ -95,3 +95,18 @@ pub fn close_inherited_fds() {
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
     }
 }
+
+/// The kernel's coarse wall clock (its tick, 1-10 ms): the clock the kernel stamps file times
+/// with (`current_time()`), so timestamps here change as often as on tmpfs or ext4.
+pub fn coarse_realtime() -> (i64, u32) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    if rc != 0 {
+        return (0, 0);
+    }
+    (ts.tv_sec, ts.tv_nsec as u32)
+}

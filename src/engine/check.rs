@@ -34,6 +34,8 @@ pub enum Mode {
 #[derive(Default, Debug)]
 pub struct Report {
     pub problems: Vec<String>,
+    /// Repair: the problems the repairs addressed, and what each repair did.
+    pub found: Vec<String>,
     pub repaired: Vec<String>,
     pub inodes: u64,
     pub directories: u64,
@@ -92,9 +94,75 @@ struct Walk<'a> {
     fixes: Vec<Fix>,
     inodes: u64,
     directories: u64,
+    /// The path of each inode reached from the root (the first name found).
+    paths: Vec<Option<String>>,
 }
 
 impl Walk<'_> {
+    /// `inode 12 (/docs/a.txt)`, or `inode 12` when no path leads to it.
+    fn who(&self, ino: u64) -> String {
+        match self.paths.get(ino as usize).and_then(|p| p.as_deref()) {
+            Some(p) => format!("inode {ino} ({p})"),
+            None => format!("inode {ino}"),
+        }
+    }
+
+    /// `directory /docs (inode 5)`, or `directory 5`.
+    fn dir_who(&self, ino: u64) -> String {
+        match self.paths.get(ino as usize).and_then(|p| p.as_deref()) {
+            Some(p) => format!("directory {p} (inode {ino})"),
+            None => format!("directory {ino}"),
+        }
+    }
+
+    /// What applying `fix` does, in words.
+    fn describe(&self, fix: &Fix) -> Option<String> {
+        let blocks = |r: &[(u64, u64)]| r.iter().map(|x| x.1).sum::<u64>();
+        Some(match fix {
+            Fix::FreeSlot(ino) => format!("freed the damaged record of inode {ino}"),
+            Fix::DropTree(ino) => format!(
+                "emptied {}: its block tree was damaged (its contents are lost)",
+                self.who(*ino)
+            ),
+            Fix::DropXattr(ino) => {
+                format!("dropped the extended attributes of {}", self.who(*ino))
+            }
+            Fix::SalvageDir(d) => format!("kept the readable entries of {}", self.dir_who(*d)),
+            Fix::DropEntry(d, name) => format!(
+                "removed the entry {:?} from {}",
+                String::from_utf8_lossy(name),
+                self.dir_who(*d)
+            ),
+            Fix::Reindex(d) => format!("rebuilt the name index of {}", self.dir_who(*d)),
+            Fix::ToLostFound(ino) => {
+                format!("moved unreachable inode {ino} to /lost+found/#{ino}")
+            }
+            Fix::SetLinks(ino, n) => format!("set the link count of {} to {n}", self.who(*ino)),
+            Fix::SetBlocks(ino, n) => {
+                format!("set the block count of {} to {n}", self.who(*ino))
+            }
+            Fix::SetParent(ino, p) => format!(
+                "set the parent of {} to {}",
+                self.dir_who(*ino),
+                self.dir_who(*p)
+            ),
+            Fix::RewriteLeaf(leaf) => format!("resealed inode-table block {leaf}"),
+            Fix::RewriteTree(ino) => format!("resealed the block tree of {}", self.who(*ino)),
+            Fix::RebuildFreeList => "rebuilt the free inode list".to_string(),
+            Fix::MarkUsed(r) if r.is_empty() => return None,
+            Fix::MarkUsed(r) => format!("marked {} owned blocks used in the bitmaps", blocks(r)),
+            Fix::MarkFree(r) if r.is_empty() => return None,
+            Fix::MarkFree(r) => format!("marked {} unowned blocks free in the bitmaps", blocks(r)),
+            Fix::Counters {
+                free_blocks,
+                used_inodes,
+            } => format!(
+                "corrected the superblock's counts (free blocks {free_blocks:+}, used inodes \
+                 {used_inodes:+})"
+            ),
+        })
+    }
+
     fn problem(&mut self, msg: String) {
         if self.problems.len() < MAX_LISTED {
             self.problems.push(msg);
@@ -241,24 +309,34 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     if mode == Mode::Report {
         return check_once(e).map(|(report, _)| report);
     }
-    let mut repaired = Vec::new();
+    let (mut found, mut repaired) = (Vec::new(), Vec::new());
     for _ in 0..REPAIR_ROUNDS {
         let (report, fixes) = check_once(e)?;
         if fixes.is_empty() {
             let mut report = report;
+            report.found = found;
             report.repaired = repaired;
             return Ok(report);
         }
-        repaired.extend(report.problems.iter().cloned());
+        found.extend(report.problems.iter().cloned());
+        let (fixes, said): (Vec<Fix>, Vec<Option<String>>) = fixes.into_iter().unzip();
+        for what in said.into_iter().flatten() {
+            log::warn!("fsck --repair: {what}");
+            repaired.push(what);
+        }
         apply(e, fixes)?;
         e.commit_now()?;
     }
     let (mut report, _) = check_once(e)?;
+    report.found = found;
     report.repaired = repaired;
     Ok(report)
 }
 
-fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
+/// One pass: the problems, and the fixes for them with what each does in words.
+type Fixes = Vec<(Fix, Option<String>)>;
+
+fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
     // No operation runs while the image is checked (a live mount's included).
     let _quiet = e.quiesce();
     let sb = e.superblock();
@@ -272,6 +350,7 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
         fixes: Vec::new(),
         inodes: 0,
         directories: 0,
+        paths: Vec::new(),
     };
     if e.image().len() < total * BLOCK_SIZE {
         w.problem(format!(
@@ -347,6 +426,8 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     let mut refs = vec![0u32; slots as usize];
     let mut subdirs = vec![0u32; slots as usize];
     let mut reached = vec![false; slots as usize];
+    w.paths = vec![None; slots as usize];
+    w.paths[ROOT_INO as usize] = Some("/".to_string());
     let mut queue = VecDeque::from([ROOT_INO]);
     reached[ROOT_INO as usize] = true;
     // Directories and the entries of theirs that unreachable inodes may be linked under.
@@ -388,7 +469,8 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
                 }
             }
         } else if orphans.contains(&ino) {
-            w.problem(format!("inode {ino} is on the orphan list but has a name"));
+            let who = w.who(ino);
+            w.problem(format!("{who} is on the orphan list but has a name"));
         }
         let kind: &dyn Fn(u64) -> Option<BlockKind> = if rec.is_dir() {
             &dir_block_kind
@@ -398,8 +480,9 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
         let tree_blocks = match w.claim_tree(rec.tree.get(), kind, &mut damaged) {
             Ok(n) => {
                 if !damaged.is_empty() {
+                    let who = w.who(ino);
                     for (_, why) in damaged.drain(..) {
-                        w.problem(format!("inode {ino}: {why}"));
+                        w.problem(format!("{who}: {why}"));
                     }
                     if rec.is_dir() {
                         w.fixes.push(Fix::SalvageDir(ino));
@@ -410,13 +493,15 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
                 n
             }
             Err(m) => {
-                w.problem(format!("inode {ino}: contents: {m}"));
+                let who = w.who(ino);
+                w.problem(format!("{who}: contents: {m}"));
                 w.fixes.push(Fix::DropTree(ino));
                 0
             }
         };
         if let Some(msg) = extent_problem(e, &rec) {
-            w.problem(format!("inode {ino}: {msg}"));
+            let who = w.who(ino);
+            w.problem(format!("{who}: {msg}"));
         }
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
@@ -425,15 +510,15 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
             if valid && w.claim(xb) {
                 owned += 1;
             } else {
-                w.problem(format!(
-                    "inode {ino}: xattr block {xb} invalid or owned twice"
-                ));
+                let who = w.who(ino);
+                w.problem(format!("{who}: xattr block {xb} invalid or owned twice"));
                 w.fixes.push(Fix::DropXattr(ino));
             }
         }
         if rec.blocks.get() != owned {
+            let who = w.who(ino);
             w.problem(format!(
-                "inode {ino}: records {} blocks, owns {owned}",
+                "{who}: records {} blocks, owns {owned}",
                 rec.blocks
             ));
             w.fixes.push(Fix::SetBlocks(ino, owned));
@@ -444,8 +529,9 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
             refs[i]
         };
         if reached[i] && rec.nlink.get() != expected_links {
+            let who = w.who(ino);
             w.problem(format!(
-                "inode {ino}: link count {} but {expected_links} references",
+                "{who}: link count {} but {expected_links} references",
                 rec.nlink
             ));
             w.fixes.push(Fix::SetLinks(ino, expected_links));
@@ -550,12 +636,21 @@ fn check_once(e: &Engine) -> Result<(Report, Vec<Fix>)> {
     }
     let report = Report {
         problems: std::mem::take(&mut w.problems),
+        found: Vec::new(),
         repaired: Vec::new(),
         inodes: w.inodes,
         directories: w.directories,
         blocks_used: used_blocks,
     };
-    Ok((report, w.fixes))
+    let fixes = std::mem::take(&mut w.fixes);
+    let fixes = fixes
+        .into_iter()
+        .map(|f| {
+            let said = w.describe(&f);
+            (f, said)
+        })
+        .collect();
+    Ok((report, fixes))
 }
 
 /// Checks one reachable directory: its records, its index, and each entry's target.
@@ -578,7 +673,8 @@ fn walk_dir(
         entries.push(ent);
         Ok(true)
     }) {
-        w.problem(format!("directory {dino}: {err}"));
+        let who = w.dir_who(dino);
+        w.problem(format!("{who}: {err}"));
         w.fixes.push(Fix::SalvageDir(dino));
     }
     let mut index_ok = dir.dir_live.get() == entries.len() as u64;
@@ -589,17 +685,17 @@ fn walk_dir(
             _ => index_ok = false,
         }
         if !names.insert(ent.name.clone()) {
+            let who = w.dir_who(dino);
             w.problem(format!(
-                "directory {dino}: name {:?} appears twice",
+                "{who}: name {:?} appears twice",
                 String::from_utf8_lossy(&ent.name)
             ));
             w.fixes.push(Fix::DropEntry(dino, ent.name.clone()));
         }
     }
     if !index_ok {
-        w.problem(format!(
-            "directory {dino}: name index does not match its entries"
-        ));
+        let who = w.dir_who(dino);
+        w.problem(format!("{who}: name index does not match its entries"));
         w.fixes.push(Fix::Reindex(dino));
     }
     for ent in entries {
@@ -619,18 +715,27 @@ fn walk_dir(
             Some(_) => None,
         };
         if let Some(msg) = bad {
-            w.problem(format!("directory {dino} entry {name:?} {msg}"));
+            let who = w.dir_who(dino);
+            w.problem(format!("{who}: entry {name:?} {msg}"));
             w.fixes.push(Fix::DropEntry(dino, ent.name));
             continue;
         }
         refs[t as usize] += 1;
+        if w.paths[t as usize].is_none() {
+            let parent = w.paths[dino as usize].as_deref().unwrap_or("?");
+            w.paths[t as usize] = Some(match parent {
+                "/" => format!("/{name}"),
+                p => format!("{p}/{name}"),
+            });
+        }
         if let Some(r) = target {
             reached[t as usize] = true;
             if r.is_dir() {
                 subdirs[dino as usize] += 1;
                 if r.parent.get() != dino {
+                    let (who, parent) = (w.dir_who(t), w.dir_who(dino));
                     w.problem(format!(
-                        "directory {t} is named in {dino} but records parent {}",
+                        "{who} is named in {parent} but records parent {}",
                         r.parent
                     ));
                     w.fixes.push(Fix::SetParent(t, dino));

@@ -208,6 +208,11 @@ impl Engine {
         rec.orphan_prev = cur.orphan_prev;
         rec.flags =
             ((rec.flags.get() & !INODE_FLAG_ORPHAN) | (cur.flags.get() & INODE_FLAG_ORPHAN)).into();
+        rec.seal();
+        if rec.as_bytes() == cur.as_bytes() {
+            // Nothing changed (a write within one clock tick): no copy, nothing to commit.
+            return Ok(());
+        }
         let old = self.put_record(tx, &mut it, ino, rec)?;
         let structural = old.size != rec.size || old.tree != rec.tree || old.blocks != rec.blocks;
         self.note_change(ino, tx.id(), structural);

@@ -92,11 +92,11 @@ pub struct NewInode {
     pub rdev: u32,
 }
 
+/// Now, as file times record it: the kernel's coarse clock, like tmpfs and ext4. A finer clock
+/// would change a file's mtime on every write, so every `fsync` after a write would commit the
+/// inode; with it, writes within one tick change no metadata and their `fsync` is data only.
 pub fn now() -> (i64, u32) {
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-        Err(_) => (0, 0),
-    }
+    crate::sys::coarse_realtime()
 }
 
 fn block_off(block: u64) -> u64 {
