@@ -169,6 +169,16 @@ pub struct Fs {
     kernel_owns_write_times: bool,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
     rename_lock: Mutex<()>,
+    /// Open directory streams (`opendir` handles): where the directory's entries ended when
+    /// the stream began or was rewound. A pass stops there, so it ends however fast creates
+    /// and renames append records, and returns each entry that stayed put exactly once.
+    dir_streams: Mutex<DirStreams>,
+}
+
+#[derive(Default)]
+struct DirStreams {
+    next: u64,
+    end: std::collections::HashMap<u64, u64>,
 }
 
 fn kind_of(mode: u32) -> FileKind {
@@ -257,6 +267,7 @@ impl Fs {
             engine,
             kernel_owns_write_times: false,
             rename_lock: Mutex::new(()),
+            dir_streams: Mutex::default(),
         }
     }
 
@@ -1044,6 +1055,24 @@ impl Fs {
     /// Lists a directory from cookie `offset`. `emit` returns false when the reply is full.
     /// With `plus`, each emitted entry (except `.` and `..`) carries attributes and counts as a
     /// kernel reference.
+    /// Opens a directory stream on `ino`; returns its handle (never 0).
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let end = {
+            let _g = self.engine.lock_read(ino);
+            self.read_dir(ino)?.dir_entries_end.get()
+        };
+        let mut st = self.dir_streams.lock();
+        st.next += 1;
+        let fh = st.next;
+        st.end.insert(fh, end);
+        Ok(fh)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dir_streams.lock().end.remove(&fh);
+    }
+
+    /// Lists `ino` from `offset` without a stream bound (the whole directory as it is).
     pub fn readdir(
         &self,
         ino: u64,
@@ -1051,6 +1080,38 @@ impl Fs {
         plus: bool,
         emit: &mut dyn FnMut(ListEntry<'_>) -> bool,
     ) -> Result<()> {
+        self.readdir_stream(ino, 0, offset, plus, emit)
+    }
+
+    /// Lists `ino` from `offset` for stream `fh` (from `opendir`; 0 for none): entries added
+    /// since the stream began or was rewound (offset 0) are not listed.
+    pub fn readdir_stream(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        emit: &mut dyn FnMut(ListEntry<'_>) -> bool,
+    ) -> Result<()> {
+        let until = match fh {
+            0 => u64::MAX,
+            _ if offset == 0 => {
+                // rewinddir: the stream sees the directory as it is now.
+                let end = {
+                    let _g = self.engine.lock_read(ino);
+                    self.read_dir(ino)?.dir_entries_end.get()
+                };
+                self.dir_streams.lock().end.insert(fh, end);
+                end
+            }
+            _ => self
+                .dir_streams
+                .lock()
+                .end
+                .get(&fh)
+                .copied()
+                .unwrap_or(u64::MAX),
+        };
         let (parent, self_attr) = {
             let _g = self.engine.lock_read(ino);
             let d = self.read_dir(ino)?;
@@ -1091,7 +1152,7 @@ impl Fs {
             {
                 let _g = self.engine.lock_read(ino);
                 let d = self.read_dir(ino)?;
-                self.engine.dir_for_each(&d, pos, &mut |e| {
+                self.engine.dir_for_each_until(&d, pos, until, &mut |e| {
                     batch.push(e);
                     Ok(batch.len() < READDIR_BATCH)
                 })?;

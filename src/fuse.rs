@@ -563,30 +563,43 @@ impl Filesystem for FuseAdapter {
     // listings (FOPEN_CACHE_DIR) and miss that a directory moved by rename has a new "..".
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Opendir);
-        match self.fs.getattr(ino.0) {
-            Ok(a) if a.kind == FileKind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.stats.count(Op::Readdir);
-        let r = self.fs.readdir(ino.0, offset, false, &mut |e| {
-            !reply.add(
-                INodeNo(e.ino),
-                e.next,
-                file_type(e.kind),
-                OsStr::from_bytes(e.name),
-            )
-        });
+        let r = self
+            .fs
+            .readdir_stream(ino.0, fh.0, offset, false, &mut |e| {
+                !reply.add(
+                    INodeNo(e.ino),
+                    e.next,
+                    file_type(e.kind),
+                    OsStr::from_bytes(e.name),
+                )
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -597,22 +610,24 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.stats.count(Op::Readdir);
-        let r = self.fs.readdir(ino.0, offset, true, &mut |e| match e.attr {
-            Some(a) => !reply.add(
-                INodeNo(e.ino),
-                e.next,
-                OsStr::from_bytes(e.name),
-                &TTL,
-                &self.opts.ownership.apply(file_attr(a)),
-                Generation(a.generation),
-            ),
-            None => true,
-        });
+        let r = self
+            .fs
+            .readdir_stream(ino.0, fh.0, offset, true, &mut |e| match e.attr {
+                Some(a) => !reply.add(
+                    INodeNo(e.ino),
+                    e.next,
+                    OsStr::from_bytes(e.name),
+                    &TTL,
+                    &self.opts.ownership.apply(file_attr(a)),
+                    Generation(a.generation),
+                ),
+                None => true,
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),

@@ -475,11 +475,14 @@ fn fsck_checks_sizes_against_extents() {
     let report = check::run(e, check::Mode::Report).unwrap();
     let all = report.problems.join("\n");
     assert!(
-        all.contains(&format!("inode {}: symlink of size 0", link.ino)),
+        all.contains(&format!("inode {} (/l): symlink of size 0", link.ino)),
         "{all}"
     );
     assert!(
-        all.contains(&format!("inode {}: directory owns file block 0", dir.ino)),
+        all.contains(&format!(
+            "inode {} (/d): directory owns file block 0",
+            dir.ino
+        )),
         "{all}"
     );
     h.fs().forget(file.ino, 1).unwrap();

@@ -361,10 +361,30 @@ impl Engine {
         from: u64,
         f: &mut dyn FnMut(DirEntry) -> Result<bool>,
     ) -> Result<()> {
-        let end = dir.dir_entries_end.get().min(DIR_ENTRY_BLOCKS * BLOCK_SIZE);
+        self.dir_for_each_until(dir, from, u64::MAX, f)
+    }
+
+    /// Like `dir_for_each`, stopping at byte offset `until` (the end of the entries when a
+    /// listing began: records appended since, by creates and renames, are not visited, so a
+    /// pass ends however fast entries are added). A `from` inside a record resumes at the next
+    /// record of its block.
+    pub fn dir_for_each_until(
+        &self,
+        dir: &Inode,
+        from: u64,
+        until: u64,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
+        let end = dir
+            .dir_entries_end
+            .get()
+            .min(DIR_ENTRY_BLOCKS * BLOCK_SIZE)
+            .min(until);
         let mut off = from;
-        if from > 0 && from < end && !self.record_starts_at(dir, from)? {
-            off = (from / BLOCK_SIZE + 1) * BLOCK_SIZE;
+        if from > 0 && from < end {
+            // Found by walking the block's records, not by parsing bytes at `from`, which may
+            // lie inside a record and look like anything.
+            off = self.next_record_start(dir, from)?;
         }
         while off < end {
             match self.read_record(dir, off)? {
@@ -388,6 +408,25 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The first record start at or after `from` in `from`'s block, found by following the
+    /// block's records from its start; the next block if the chain does not lead there.
+    fn next_record_start(&self, dir: &Inode, from: u64) -> Result<u64> {
+        let base = from / BLOCK_SIZE * BLOCK_SIZE;
+        let next_block = base + BLOCK_SIZE;
+        let mut off = base;
+        // At most one step per 8 bytes of the block: rec_len is checked to be positive.
+        while off < from {
+            match self.read_record(dir, off) {
+                Ok(Some((h, _))) if h.rec_len.get() > 0 => off += u64::from(h.rec_len.get()),
+                _ => return Ok(next_block),
+            }
+        }
+        if off >= next_block || !self.record_starts_at(dir, off)? {
+            return Ok(next_block);
+        }
+        Ok(off)
     }
 
     /// Makes `dir` an empty directory whose parent is `parent`.

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -1210,5 +1210,173 @@ fn inode_flag_ioctls_and_unknown_ioctls() {
     }
     drop(file);
     assert!(!m.log().contains("Not Implemented"), "{}", m.log());
+    m.finish();
+}
+
+/// A directory stream over libc's opendir/readdir/telldir/seekdir.
+struct DirStream(*mut libc::DIR);
+
+impl DirStream {
+    fn open(p: &Path) -> DirStream {
+        let c = cpath(p);
+        // SAFETY: valid NUL-terminated path.
+        let d = unsafe { libc::opendir(c.as_ptr()) };
+        assert!(!d.is_null(), "opendir {}", p.display());
+        DirStream(d)
+    }
+
+    /// The next name, `Ok(None)` at the end, `Err(errno)` on an error.
+    fn next(&mut self) -> Result<Option<String>, i32> {
+        // SAFETY: errno is thread-local; the stream is open.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: the stream is open; the entry is copied out before the next call.
+        let e = unsafe { libc::readdir(self.0) };
+        if e.is_null() {
+            return match errno() {
+                0 => Ok(None),
+                n => Err(n),
+            };
+        }
+        // SAFETY: readdir returned a valid entry with a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        Ok(Some(name.to_string_lossy().into_owned()))
+    }
+
+    fn tell(&mut self) -> i64 {
+        // SAFETY: the stream is open.
+        unsafe { libc::telldir(self.0) }
+    }
+
+    fn seek(&mut self, pos: i64) {
+        // SAFETY: the stream is open.
+        unsafe { libc::seekdir(self.0, pos) }
+    }
+}
+
+impl Drop for DirStream {
+    fn drop(&mut self) {
+        // SAFETY: opened by `open`, closed once.
+        unsafe { libc::closedir(self.0) };
+    }
+}
+
+/// telldir/seekdir on a 10,000-entry directory: a told position resumes exactly there; a
+/// position never handed out gives an entry or the end, never an error, and the image is
+/// never reported damaged.
+#[test]
+fn telldir_seekdir_and_random_positions() {
+    let m = Mount::with(&["--size", "64M"], &[]);
+    let dir = m.p("big");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..10_000 {
+        File::create(dir.join(format!("entry-{i:05}"))).unwrap();
+    }
+    // Told positions and the entry read right after each.
+    let mut d = DirStream::open(&dir);
+    let mut told = Vec::new();
+    loop {
+        let pos = d.tell();
+        match d.next().unwrap() {
+            Some(name) => told.push((pos, name)),
+            None => break,
+        }
+    }
+    assert_eq!(told.len(), 10_002, "entries including . and ..");
+    let mut rng = Rng::new(11);
+    for _ in 0..300 {
+        let (pos, name) = &told[rng.below(told.len() as u64) as usize];
+        d.seek(*pos);
+        assert_eq!(d.next().unwrap().as_ref(), Some(name), "seekdir({pos})");
+    }
+    // Positions nobody handed out, inside the entries: the listing resumes at the next entry,
+    // skipping none. (A told position is where the previous record ended, so a position in the
+    // unused tail of a block still comes before the entry that opens the next block.)
+    let mut real: Vec<&(i64, String)> = told.iter().filter(|t| t.1.starts_with("entry-")).collect();
+    real.sort();
+    let (lo, hi) = (real[0].0, real[real.len() - 1].0);
+    for _ in 0..300 {
+        let pos = lo + 1 + rng.below((hi - lo - 1) as u64) as i64;
+        let i = real.iter().position(|t| t.0 >= pos).unwrap();
+        let (prev, next) = (&real[i - 1].1, &real[i].1);
+        d.seek(pos);
+        let got = d.next().unwrap().unwrap_or_default();
+        assert!(
+            &got == next || &got == prev,
+            "seekdir({pos}) then readdir gave {got}, not {prev} or {next}"
+        );
+    }
+    // And beyond them: the end, or EINVAL.
+    for _ in 0..100 {
+        let pos = hi + 1 + rng.below(1 << 40) as i64;
+        d.seek(pos);
+        match d.next() {
+            Ok(None) => {}
+            other => assert_eq!(other, Err(libc::EINVAL), "seekdir({pos}) then readdir"),
+        }
+    }
+    drop(d);
+    let log = m.log();
+    assert!(!log.contains("corruption"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    m.finish();
+}
+
+/// One readdir pass while other threads rename, create and unlink in the same directory: the
+/// pass ends, and every entry that stayed put is returned exactly once.
+#[test]
+fn readdir_pass_ends_under_concurrent_renames() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let m = Mount::with(&["--size", "64M"], &[]);
+    let dir = m.p("busy");
+    fs::create_dir(&dir).unwrap();
+    for i in 0..1_000 {
+        File::create(dir.join(format!("stable-{i:05}"))).unwrap();
+    }
+    for i in 0..200 {
+        File::create(dir.join(format!("moving-{i}-a"))).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (dir, stop) = (dir.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for i in 0..200 {
+                    let (from, to) = if round.is_multiple_of(2) {
+                        ("a", "b")
+                    } else {
+                        ("b", "a")
+                    };
+                    let _ = fs::rename(
+                        dir.join(format!("moving-{i}-{from}")),
+                        dir.join(format!("moving-{i}-{to}")),
+                    );
+                    let t = dir.join(format!("temp-{round}-{i}"));
+                    let _ = File::create(&t);
+                    let _ = fs::remove_file(&t);
+                }
+                round += 1;
+            }
+        })
+    };
+    for pass in 0..2 {
+        let mut d = DirStream::open(&dir);
+        let mut seen = std::collections::HashMap::<String, u32>::new();
+        let mut n = 0u64;
+        while let Some(name) = d.next().unwrap() {
+            n += 1;
+            assert!(n < 10_000, "pass {pass} does not end");
+            *seen.entry(name).or_default() += 1;
+            // A slow reader: the renames append records faster than it reads them.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for i in 0..1_000 {
+            let name = format!("stable-{i:05}");
+            assert_eq!(seen.get(&name), Some(&1), "pass {pass}: {name}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
     m.finish();
 }
