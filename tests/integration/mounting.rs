@@ -697,3 +697,54 @@ fn stats_of_a_live_mount() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     m.finish();
 }
+
+/// As root, `noallow_other` keeps other users out; `auto_unmount` takes the mount away when
+/// the daemon dies; a normal `fusermount3 -u` logs nothing alarming.
+#[test]
+fn noallow_other_auto_unmount_and_quiet_unmount() {
+    let dir = tempdir();
+    let image = dir.path().join("img");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    mkfs(&image, &["--mode", "755"]);
+    let _g = Unmount(mnt.clone());
+    let mnt_s = mnt.to_str().unwrap();
+    let log = dir.path().join("daemon.log");
+    let mount = |opts: &str| {
+        let out = run(Command::new(BIN)
+            .arg("mount")
+            .arg("--log-file")
+            .arg(&log)
+            .args(["-o", opts])
+            .arg(&image)
+            .arg(&mnt));
+        assert!(out.status.success(), "mount -o {opts}: {}", describe(&out));
+    };
+    // Default as root: everyone may look; with noallow_other only root.
+    mount("rw");
+    let out = as_nobody_run("ls", &[mnt_s]);
+    assert!(out.status.success(), "ls as nobody: {}", describe(&out));
+    let out = sh("fusermount3", &["-u", mnt_s]);
+    assert!(out.status.success(), "fusermount3 -u: {}", describe(&out));
+    wait_released(&image);
+    mount("noallow_other");
+    let out = as_nobody_run("ls", &[mnt_s]);
+    assert!(!out.status.success(), "ls as nobody with noallow_other");
+    unmount(&mnt);
+    wait_released(&image);
+
+    // auto_unmount: kill -9 the daemon, the mount goes away by itself.
+    mount("auto_unmount");
+    let pid = daemon_pid(&image);
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let start = Instant::now();
+    while is_mountpoint(&mnt) && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mountpoint(&mnt), "auto_unmount left the mount behind");
+    wait_released(&image);
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("Failed to umount"), "{text}");
+    assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
+    fsck_repair(&image);
+}
