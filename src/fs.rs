@@ -376,11 +376,23 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
+        if name == b"." {
+            // "." of any inode, not only of directories: the kernel asks this way when it
+            // turns a file handle (open_by_handle_at, NFS export) back into an inode it no
+            // longer caches. A freed inode is not found; a reused one has a new generation.
+            {
+                let _g = self.engine.lock_read(parent);
+                self.engine.read_inode(parent)?;
+                self.add_lookup(parent)?;
+            }
+            return self.getattr(parent).inspect_err(|_| {
+                let _ = self.forget(parent, 1);
+            });
+        }
         let ino = {
             let _g = self.engine.lock_read(parent);
             let dir = self.read_dir(parent)?;
             let ino = match name {
-                b"." => parent,
                 b".." => dir.parent.get(),
                 _ => {
                     self.engine

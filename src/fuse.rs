@@ -244,7 +244,10 @@ impl Filesystem for FuseAdapter {
             // `Fs::drop_privileges`). In exchange the kernel marks files it found without them
             // (S_NOSEC) and stops asking for security.capability before every write: that
             // GETXATTR had doubled the round trips of each write(2) (4 KiB random writes).
-            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2
+            // File handles (name_to_handle_at, NFS export) stay valid across cache drops and
+            // remounts: the kernel looks up "." and ".." by inode number (see `Fs::lookup`).
+            | InitFlags::FUSE_EXPORT_SUPPORT;
         if self.opts.writeback_cache {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }

@@ -498,7 +498,8 @@ fn a_normal_user_makes_mounts_and_inspects_images() {
     );
 }
 
-/// The pid of the daemon serving `image` (`mmapfs mount --foreground ... IMAGE`).
+/// The pid of the daemon serving `image`: the `mmapfs mount --foreground` process that holds
+/// it open (the daemon of an earlier mount may still be exiting).
 fn daemon_pid(image: &Path) -> u32 {
     let canon = image.canonicalize().unwrap();
     fs::read_dir("/proc")
@@ -508,7 +509,11 @@ fn daemon_pid(image: &Path) -> u32 {
         .find(|pid| {
             let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            cmd.contains("--foreground") && cmd.contains(canon.to_str().unwrap())
+            cmd.contains("--foreground")
+                && fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                    fds.flatten()
+                        .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == canon))
+                })
         })
         .expect("daemon process")
 }

@@ -1380,3 +1380,91 @@ fn readdir_pass_ends_under_concurrent_renames() {
     churn.join().unwrap();
     m.finish();
 }
+
+/// A file handle from name_to_handle_at, opened with open_by_handle_at; `Err(errno)`.
+fn handle_of(p: &Path) -> Vec<u8> {
+    const MAX: usize = 128;
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }
+    let mut buf = vec![0u8; 8 + MAX];
+    buf[..4].copy_from_slice(&(MAX as u32).to_le_bytes());
+    let mut mount_id: libc::c_int = 0;
+    let c = cpath(p);
+    // SAFETY: `buf` holds a file_handle header with room for MAX bytes of handle.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(r, 0, "name_to_handle_at {}: errno {}", p.display(), errno());
+    let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+    buf.truncate(8 + len);
+    buf
+}
+
+fn open_by_handle(mount_dir: &Path, handle: &[u8]) -> Result<File, i32> {
+    let m = File::open(mount_dir).unwrap();
+    let mut h = handle.to_vec();
+    // SAFETY: `h` is a complete file_handle as name_to_handle_at filled it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            std::os::fd::AsRawFd::as_raw_fd(&m),
+            h.as_mut_ptr(),
+            libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// File handles stay valid while the file exists: after the kernel's caches are dropped and
+/// after a remount; a deleted file's handle is ESTALE. (What NFS export and backup tools use.)
+#[test]
+fn file_handles_survive_cache_drops_and_remounts() {
+    let mut m = Mount::new();
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/f"), b"handled").unwrap();
+    fs::write(m.p("gone"), b"x").unwrap();
+    let (hf, hd, hg) = (
+        handle_of(&m.p("d/f")),
+        handle_of(&m.p("d")),
+        handle_of(&m.p("gone")),
+    );
+    let read = |f: Result<File, i32>| -> Vec<u8> {
+        let mut v = Vec::new();
+        f.expect("open_by_handle_at").read_to_end(&mut v).unwrap();
+        v
+    };
+    assert_eq!(read(open_by_handle(m.path(), &hf)), b"handled");
+    drop_caches();
+    assert_eq!(read(open_by_handle(m.path(), &hf)), b"handled");
+    let dir = open_by_handle(m.path(), &hd).expect("directory handle");
+    assert!(dir.metadata().unwrap().is_dir());
+    drop(dir);
+    m.remount();
+    assert_eq!(read(open_by_handle(m.path(), &hf)), b"handled");
+    assert!(open_by_handle(m.path(), &hd).is_ok());
+    fs::remove_file(m.p("gone")).unwrap();
+    drop_caches();
+    assert_eq!(open_by_handle(m.path(), &hg).err(), Some(libc::ESTALE));
+    // Its inode number used again by a new file: still ESTALE (the generation changed).
+    for i in 0..20 {
+        fs::write(m.p(&format!("new-{i}")), b"new").unwrap();
+    }
+    drop_caches();
+    assert_eq!(open_by_handle(m.path(), &hg).err(), Some(libc::ESTALE));
+    m.finish();
+}
