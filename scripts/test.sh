@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_fuse || exit 1
 need_cmd cc gcc
+need_cmd mount.fuse3 fuse3      # mount -t fuse.mmapfs and fstab lines (tests/integration/mounting.rs)
+need_cmd lsattr e2fsprogs      # the inode-flag ioctl test
+need_cmd setpriv util-linux    # commands run as a normal user
 
 passed=0
 failed=0
