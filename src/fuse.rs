@@ -104,11 +104,15 @@ fn errno(e: &Error) -> Errno {
 }
 
 fn to_system_time(t: Time) -> SystemTime {
+    // Times come from the image, which is untrusted: out-of-range values are clamped to the
+    // latest (earliest) time the kernel's 64-bit seconds hold, never an overflow.
+    const LIMIT: u64 = (i64::MAX / 2) as u64;
+    let nsec = t.nsec.min(999_999_999);
     if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+        UNIX_EPOCH + Duration::new((t.sec as u64).min(LIMIT), nsec)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
-            + Duration::from_nanos(u64::from(t.nsec))
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs().min(LIMIT))
+            + Duration::from_nanos(u64::from(nsec))
     }
 }
 

@@ -14,6 +14,9 @@ fn main() -> ExitCode {
     match mmapfs::cli::Cli::try_parse_from(args) {
         Ok(cli) => {
             let (target, daemon) = cli.log_target();
+            if !daemon {
+                mmapfs::sys::default_sigpipe();
+            }
             if let Err(e) = mmapfs::logging::init(target, daemon) {
                 eprintln!("mmapfs: {e}");
                 return ExitCode::FAILURE;

@@ -110,3 +110,14 @@ pub fn coarse_realtime() -> (i64, u32) {
     }
     (ts.tv_sec, ts.tv_nsec as u32)
 }
+
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it): a command whose
+/// output goes to a pipe that closes early (`mmapfs fsck IMAGE | head -2`) ends quietly, as
+/// other command-line tools do, instead of failing on the write. Not for the daemon, which
+/// must survive a statistics client that hangs up.
+pub fn default_sigpipe() {
+    // SAFETY: resets one signal's disposition; no handler of ours is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

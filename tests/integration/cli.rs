@@ -490,3 +490,34 @@ fn workers_are_pinned_one_per_cpu_unless_told_not_to() {
     );
     m.finish();
 }
+
+/// Output into a pipe that is already closed (`mmapfs info IMAGE | head -0`): the command ends
+/// quietly (by SIGPIPE, as other tools do) or succeeds, never with a panic.
+#[test]
+fn output_into_a_closed_pipe_is_no_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    mkfs(&img, "16M");
+    for verb in ["info", "fsck"] {
+        let mut child = Command::new(BIN)
+            .arg(verb)
+            .arg(&img)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{verb}: {err}"
+        );
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{verb}: {}",
+            out.status
+        );
+    }
+}

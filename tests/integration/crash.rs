@@ -573,3 +573,30 @@ fn fsck_names_paths_and_says_what_it_repaired() {
     assert_eq!(fs::metadata(m.p("docs/a.txt")).unwrap().nlink(), 1);
     m.finish();
 }
+
+/// A time no clock can hold (mtime 2^63-1 s and 2^32-1 ns, checksums valid) is shown clamped;
+/// `stat` does not bring the daemon down.
+#[test]
+fn absurd_times_on_the_image_do_not_kill_the_daemon() {
+    let mut m = Mount::new();
+    fs::write(m.p("f"), b"x").unwrap();
+    let ino = fs::metadata(m.p("f")).unwrap().ino();
+    m.unmount();
+    let mut bytes = fs::read(m.image()).unwrap();
+    let at = inode_offset(&bytes, ino);
+    // mtime_sec at byte 40 of the record, mtime_nsec at 68.
+    bytes[at + 40..at + 48].copy_from_slice(&i64::MAX.to_le_bytes());
+    bytes[at + 68..at + 72].copy_from_slice(&u32::MAX.to_le_bytes());
+    let c = crc32c::crc32c(&bytes[at..at + 252]);
+    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
+    let block = at / 4096 * 4096;
+    let t = crc32c::crc32c(&bytes[block..block + 4092]);
+    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
+    fs::write(m.image(), &bytes).unwrap();
+    m.mount();
+    let md = fs::metadata(m.p("f")).unwrap();
+    assert!(md.mtime() > 1 << 40, "mtime {}", md.mtime());
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"x");
+    assert!(!m.log().contains("panicked"), "{}", m.log());
+    m.finish();
+}
