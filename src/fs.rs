@@ -771,7 +771,7 @@ impl Fs {
         if !rec.is_dir() {
             return Err(Error::NotDir);
         }
-        if rec.dir_live.get() > 0 {
+        if self.dir_has_entries(child, &rec)? {
             return Err(Error::NotEmpty);
         }
         self.engine.dir_remove(&tx, &mut dir, name)?;
@@ -785,18 +785,52 @@ impl Fs {
 
     /// True if directory `dir` is `ancestor` or lies below it.
     fn is_within(&self, dir: u64, ancestor: u64) -> Result<bool> {
+        // The walk follows parent fields read from the image: it stops at the first inode seen
+        // twice, not after a number of steps a damaged counter could make endless.
+        let mut seen = std::collections::HashSet::new();
         let mut cur = dir;
-        for _ in 0..=self.engine.superblock().used_inodes.get() {
+        loop {
             if cur == ancestor {
                 return Ok(true);
             }
             if cur == ROOT_INO {
                 return Ok(false);
             }
+            if !seen.insert(cur) {
+                return Err(self
+                    .engine
+                    .corrupt(format!("directory {dir}: parent chain loops at {cur}")));
+            }
             let _g = self.engine.lock_read(cur);
-            cur = self.engine.read_inode(cur)?.parent.get();
+            let rec = self.engine.read_inode(cur)?;
+            if !rec.is_dir() {
+                return Err(self.engine.corrupt(format!(
+                    "directory {dir}: parent chain reaches non-directory {cur}"
+                )));
+            }
+            cur = rec.parent.get();
         }
-        Err(Error::corrupt("directory parent chain loops"))
+    }
+
+    /// Whether directory `ino` holds any entry, from its records (not from its live-entry
+    /// counter, which a damaged image could have wrong: removing a directory that still has
+    /// entries would orphan them all).
+    fn dir_has_entries(&self, ino: u64, rec: &Inode) -> Result<bool> {
+        let mut any = false;
+        self.engine.dir_for_each(rec, 0, &mut |_| {
+            any = true;
+            Ok(false)
+        })?;
+        if any != (rec.dir_live.get() > 0) {
+            // Marks the image for fsck --repair; the records decide.
+            let e = self.engine.corrupt(format!(
+                "directory {ino} counts {} entries, holds {}",
+                rec.dir_live,
+                if any { "some" } else { "none" }
+            ));
+            log::error!("image corruption: {e}");
+        }
+        Ok(any)
     }
 
     pub fn rename(
@@ -878,6 +912,19 @@ impl Fs {
             if dst.is_none() {
                 tx.reserve_more(self.engine.dir_insert_cost(ndir.as_ref().unwrap_or(&pdir)))?;
             }
+            // A directory moving to another parent adds a link there: refuse rather than wrap
+            // a count that a damaged image (or 2^32 subdirectories) put at the limit.
+            let gains_link = match (&ndir, flags.exchange) {
+                (Some(nd), false) => src_is_dir && nd.nlink.get() >= u32::MAX - 1,
+                (Some(nd), true) => {
+                    (src_is_dir && !dst_is_dir && nd.nlink.get() >= u32::MAX - 1)
+                        || (dst_is_dir && !src_is_dir && pdir.nlink.get() >= u32::MAX - 1)
+                }
+                (None, _) => false,
+            };
+            if gains_link {
+                return Err(Error::TooManyLinks);
+            }
             let t = now_time();
             let mut dst_rec = match dst {
                 Some((d, _)) => Some(self.engine.read_inode(d)?),
@@ -890,7 +937,7 @@ impl Fs {
                 if !dr.is_dir() && src_is_dir {
                     return Err(Error::NotDir);
                 }
-                if dr.is_dir() && dr.dir_live.get() > 0 {
+                if dr.is_dir() && self.dir_has_entries(dst.map_or(0, |d| d.0), dr)? {
                     return Err(Error::NotEmpty);
                 }
             }
@@ -915,8 +962,9 @@ impl Fs {
                     }
                     let nd = ndir.as_mut().ok_or(Error::Invalid)?;
                     let delta = i64::from(src_is_dir) - i64::from(dr.is_dir());
-                    pdir.nlink = ((i64::from(pdir.nlink.get()) - delta) as u32).into();
-                    nd.nlink = ((i64::from(nd.nlink.get()) + delta) as u32).into();
+                    let clamp = |n: i64| n.clamp(0, i64::from(u32::MAX)) as u32;
+                    pdir.nlink = clamp(i64::from(pdir.nlink.get()) - delta).into();
+                    nd.nlink = clamp(i64::from(nd.nlink.get()) + delta).into();
                 }
                 set_ctime(dr, t);
                 self.engine.write_inode(&tx, d, dr)?;
@@ -954,7 +1002,7 @@ impl Fs {
                     src_rec.parent = newparent.into();
                     pdir.nlink = pdir.nlink.get().saturating_sub(1).into();
                     if let Some(nd) = ndir.as_mut() {
-                        nd.nlink = (nd.nlink.get() + 1).into();
+                        nd.nlink = nd.nlink.get().saturating_add(1).into();
                     }
                 }
                 if let (Some((d, _)), Some(dr)) = (dst, dst_rec.as_mut()) {

@@ -302,6 +302,21 @@ impl Engine {
         dir.dir_live = dir.dir_live.get().saturating_sub(1).into();
         dir.dir_tomb_bytes = (dir.dir_tomb_bytes.get() + u64::from(h.rec_len.get())).into();
         if dir.dir_live.get() == 0 {
+            // The counter says empty; the records decide before anything is freed (a damaged
+            // counter must not take the other entries with it).
+            let mut live = 0u64;
+            self.dir_for_each(dir, 0, &mut |_| {
+                live += 1;
+                Ok(true)
+            })?;
+            if live > 0 {
+                dir.dir_live = live.into();
+                let e = self.corrupt(format!(
+                    "directory counted no entries left but holds {live}; counter corrected"
+                ));
+                log::error!("image corruption: {e}");
+                return Ok((f.ino, f.kind));
+            }
             // Empty: give every block back; cookies of open streams point past the (new) end.
             self.punch_blocks(tx, dir, 0, u64::MAX)?;
             dir.dir_entries_end = 0.into();

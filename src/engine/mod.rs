@@ -147,7 +147,7 @@ impl Engine {
     }
 
     /// A corruption error; remembers that the image has errors.
-    fn corrupt(&self, what: impl Into<String>) -> Error {
+    pub fn corrupt(&self, what: impl Into<String>) -> Error {
         self.errors.store(true, Ordering::Relaxed);
         Error::Corrupt(what.into())
     }

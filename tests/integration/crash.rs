@@ -600,3 +600,87 @@ fn absurd_times_on_the_image_do_not_kill_the_daemon() {
     assert!(!m.log().contains("panicked"), "{}", m.log());
     m.finish();
 }
+
+/// Rewrites a u64 field of inode `ino`'s record in the image and reseals the record and its
+/// inode-table block, as a buggy tool would leave it.
+fn set_inode_u64(image: &Path, ino: u64, field_offset: usize, value: u64) {
+    let mut bytes = fs::read(image).unwrap();
+    let at = inode_offset(&bytes, ino);
+    bytes[at + field_offset..at + field_offset + 8].copy_from_slice(&value.to_le_bytes());
+    let c = crc32c::crc32c(&bytes[at..at + 252]);
+    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
+    let block = at / 4096 * 4096;
+    let t = crc32c::crc32c(&bytes[block..block + 4092]);
+    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
+    fs::write(image, &bytes).unwrap();
+}
+
+/// Offsets in the inode record (docs/format.md).
+const DIR_LIVE: usize = 152;
+const NLINK: usize = 4;
+
+/// A directory whose live-entry counter lies (0 or 1 with entries present, checksums valid):
+/// rmdir says ENOTEMPTY and unlinking one entry frees no other; fsck --repair fixes the count.
+#[test]
+fn a_lying_entry_counter_destroys_nothing() {
+    let mut m = Mount::new();
+    for d in ["zero", "one"] {
+        fs::create_dir(m.p(d)).unwrap();
+        for i in 0..40 {
+            fs::write(m.p(&format!("{d}/f{i}")), format!("{d}{i}")).unwrap();
+        }
+    }
+    let zero = fs::metadata(m.p("zero")).unwrap().ino();
+    let one = fs::metadata(m.p("one")).unwrap().ino();
+    m.unmount();
+    set_inode_u64(m.image(), zero, DIR_LIVE, 0);
+    set_inode_u64(m.image(), one, DIR_LIVE, 1);
+    m.mount();
+    assert_eq!(
+        fs::remove_dir(m.p("zero")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    fs::remove_file(m.p("one/f0")).unwrap();
+    for i in 1..40 {
+        assert_eq!(
+            fs::read_to_string(m.p(&format!("one/f{i}"))).unwrap(),
+            format!("one{i}")
+        );
+    }
+    for i in 0..40 {
+        assert!(m.p(&format!("zero/f{i}")).exists());
+    }
+    m.unmount();
+    fsck_repair(m.image());
+    fsck(m.image());
+    m.mount();
+    assert_eq!(fs::read_dir(m.p("one")).unwrap().count(), 39);
+    assert_eq!(fs::read_dir(m.p("zero")).unwrap().count(), 40);
+    m.finish();
+}
+
+/// A directory link count at the limit (checksums valid): moving a directory into it is
+/// EMLINK, never a count that wraps to 0 and frees the directory with its entries.
+#[test]
+fn a_link_count_at_the_limit_does_not_wrap() {
+    let mut m = Mount::new();
+    fs::create_dir(m.p("full")).unwrap();
+    fs::write(m.p("full/keep"), b"keep").unwrap();
+    fs::create_dir(m.p("sub")).unwrap();
+    let full = fs::metadata(m.p("full")).unwrap().ino();
+    m.unmount();
+    // nlink is a u32 at offset 4, next to uid: write the 8 bytes with uid 0 kept.
+    set_inode_u64(m.image(), full, NLINK, u64::from(u32::MAX));
+    m.mount();
+    assert_eq!(
+        fs::rename(m.p("sub"), m.p("full/sub"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EMLINK)
+    );
+    assert_eq!(fs::read(m.p("full/keep")).unwrap(), b"keep");
+    m.unmount();
+    fsck_repair(m.image());
+    fsck(m.image());
+    m.finish();
+}
