@@ -185,6 +185,13 @@ fn preflight(settings: &Settings, root: bool) -> Result<fuser::SessionACL, Strin
 /// The options handed to the kernel (or to fusermount3).
 fn kernel_mount_options(s: &Settings, source: String) -> Vec<fuser::MountOption> {
     use fuser::MountOption as M;
+    // The kernel splits its option string at commas and has no escape for them: a path with
+    // a comma (or a space, which /proc/mounts would show escaped) is named by the type alone.
+    let source = if source.contains(|c: char| c == ',' || c.is_whitespace()) {
+        SUBTYPE.to_string()
+    } else {
+        source
+    };
     let mut v = vec![
         M::FSName(s.fsname.clone().unwrap_or(source)),
         // A kernel option rather than fuser's `Subtype`, which only fusermount3 understands.
