@@ -402,6 +402,17 @@ impl Engine {
             off = self.next_record_start(dir, from)?;
         }
         while off < end {
+            if off.is_multiple_of(BLOCK_SIZE) {
+                // Skip a run of missing blocks in one step: an end offset far beyond the
+                // records (a damaged inode) must not cost a lookup per empty block.
+                let block = off / BLOCK_SIZE;
+                let blocks_left = end.div_ceil(BLOCK_SIZE) - block;
+                let run = self.tree_lookup_run(dir.tree.get(), block, blocks_left)?;
+                if run.start.is_none() {
+                    off += run.len.max(1) * BLOCK_SIZE;
+                    continue;
+                }
+            }
             match self.read_record(dir, off)? {
                 None => off = (off / BLOCK_SIZE + 1) * BLOCK_SIZE,
                 Some((h, name)) => {
