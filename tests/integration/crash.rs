@@ -541,17 +541,7 @@ fn fsck_names_paths_and_says_what_it_repaired() {
     fs::write(m.p("docs/a.txt"), b"text").unwrap();
     let ino = fs::metadata(m.p("docs/a.txt")).unwrap().ino();
     m.unmount();
-    let mut bytes = fs::read(m.image()).unwrap();
-    let at = inode_offset(&bytes, ino);
-    // nlink is the second field of the 256-byte record; the record's CRC is its last 4 bytes,
-    // the inode-table block's trailer CRC the block's last 4.
-    bytes[at + 4..at + 8].copy_from_slice(&7u32.to_le_bytes());
-    let c = crc32c::crc32c(&bytes[at..at + 252]);
-    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
-    let block = at / 4096 * 4096;
-    let t = crc32c::crc32c(&bytes[block..block + 4092]);
-    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
-    fs::write(m.image(), &bytes).unwrap();
+    patch_inode(m.image(), ino, NLINK, &7u32.to_le_bytes());
     let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
     assert!(!out.status.success(), "fsck: {}", describe(&out));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -582,17 +572,8 @@ fn absurd_times_on_the_image_do_not_kill_the_daemon() {
     fs::write(m.p("f"), b"x").unwrap();
     let ino = fs::metadata(m.p("f")).unwrap().ino();
     m.unmount();
-    let mut bytes = fs::read(m.image()).unwrap();
-    let at = inode_offset(&bytes, ino);
-    // mtime_sec at byte 40 of the record, mtime_nsec at 68.
-    bytes[at + 40..at + 48].copy_from_slice(&i64::MAX.to_le_bytes());
-    bytes[at + 68..at + 72].copy_from_slice(&u32::MAX.to_le_bytes());
-    let c = crc32c::crc32c(&bytes[at..at + 252]);
-    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
-    let block = at / 4096 * 4096;
-    let t = crc32c::crc32c(&bytes[block..block + 4092]);
-    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
-    fs::write(m.image(), &bytes).unwrap();
+    patch_inode(m.image(), ino, MTIME_SEC, &i64::MAX.to_le_bytes());
+    patch_inode(m.image(), ino, MTIME_NSEC, &u32::MAX.to_le_bytes());
     m.mount();
     let md = fs::metadata(m.p("f")).unwrap();
     assert!(md.mtime() > 1 << 40, "mtime {}", md.mtime());
@@ -601,23 +582,12 @@ fn absurd_times_on_the_image_do_not_kill_the_daemon() {
     m.finish();
 }
 
-/// Rewrites a u64 field of inode `ino`'s record in the image and reseals the record and its
-/// inode-table block, as a buggy tool would leave it.
-fn set_inode_u64(image: &Path, ino: u64, field_offset: usize, value: u64) {
-    let mut bytes = fs::read(image).unwrap();
-    let at = inode_offset(&bytes, ino);
-    bytes[at + field_offset..at + field_offset + 8].copy_from_slice(&value.to_le_bytes());
-    let c = crc32c::crc32c(&bytes[at..at + 252]);
-    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
-    let block = at / 4096 * 4096;
-    let t = crc32c::crc32c(&bytes[block..block + 4092]);
-    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
-    fs::write(image, &bytes).unwrap();
-}
-
-/// Offsets in the inode record (docs/format.md).
-const DIR_LIVE: usize = 152;
+/// Offsets of fields in the inode record (docs/format.md).
 const NLINK: usize = 4;
+const MTIME_SEC: usize = 40;
+const MTIME_NSEC: usize = 68;
+const DIR_ENTRIES_END: usize = 144;
+const DIR_LIVE: usize = 152;
 
 /// A directory whose live-entry counter lies (0 or 1 with entries present, checksums valid):
 /// rmdir says ENOTEMPTY and unlinking one entry frees no other; fsck --repair fixes the count.
@@ -633,8 +603,8 @@ fn a_lying_entry_counter_destroys_nothing() {
     let zero = fs::metadata(m.p("zero")).unwrap().ino();
     let one = fs::metadata(m.p("one")).unwrap().ino();
     m.unmount();
-    set_inode_u64(m.image(), zero, DIR_LIVE, 0);
-    set_inode_u64(m.image(), one, DIR_LIVE, 1);
+    patch_inode(m.image(), zero, DIR_LIVE, &0u64.to_le_bytes());
+    patch_inode(m.image(), one, DIR_LIVE, &1u64.to_le_bytes());
     m.mount();
     assert_eq!(
         fs::remove_dir(m.p("zero")).unwrap_err().raw_os_error(),
@@ -669,8 +639,7 @@ fn a_link_count_at_the_limit_does_not_wrap() {
     fs::create_dir(m.p("sub")).unwrap();
     let full = fs::metadata(m.p("full")).unwrap().ino();
     m.unmount();
-    // nlink is a u32 at offset 4, next to uid: write the 8 bytes with uid 0 kept.
-    set_inode_u64(m.image(), full, NLINK, u64::from(u32::MAX));
+    patch_inode(m.image(), full, NLINK, &u32::MAX.to_le_bytes());
     m.mount();
     assert_eq!(
         fs::rename(m.p("sub"), m.p("full/sub"))
@@ -696,7 +665,7 @@ fn a_huge_directory_end_offset_costs_nothing() {
     }
     let d = fs::metadata(m.p("d")).unwrap().ino();
     m.unmount();
-    set_inode_u64(m.image(), d, 144, 1 << 62);
+    patch_inode(m.image(), d, DIR_ENTRIES_END, &(1u64 << 62).to_le_bytes());
     let start = std::time::Instant::now();
     let _ = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
     assert!(

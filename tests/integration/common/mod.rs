@@ -357,6 +357,21 @@ pub fn inode_offset(image: &[u8], ino: u64) -> usize {
     tree_block(image, packed, ino / 15) as usize * 4096 + (ino % 15) as usize * 256
 }
 
+/// Overwrites bytes of inode `ino`'s record (at `field_offset` in it) and reseals the record
+/// and its inode-table block, as a buggy tool that recomputes checksums would leave them.
+pub fn patch_inode(image: &Path, ino: u64, field_offset: usize, value: &[u8]) {
+    let mut bytes = fs::read(image).unwrap();
+    let at = inode_offset(&bytes, ino);
+    bytes[at + field_offset..at + field_offset + value.len()].copy_from_slice(value);
+    // The record's CRC is its last 4 bytes; the block's trailer CRC the block's last 4.
+    let c = crc32c::crc32c(&bytes[at..at + 252]);
+    bytes[at + 252..at + 256].copy_from_slice(&c.to_le_bytes());
+    let block = at / 4096 * 4096;
+    let t = crc32c::crc32c(&bytes[block..block + 4092]);
+    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
+    fs::write(image, &bytes).unwrap();
+}
+
 /// Byte offset of `name` in the first entry block of directory `dir` (the live copy: older
 /// copies of a block stay in free space).
 pub fn name_offset(image: &[u8], dir: u64, name: &[u8]) -> usize {
