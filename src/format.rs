@@ -353,6 +353,18 @@ pub fn dirent_rec_len(name_len: usize) -> u64 {
 
 /// Longest name in a directory.
 pub const NAME_MAX: usize = 255;
+
+/// Whether `name` may stand in a directory: 1 to 255 bytes, no `/` or NUL, not `.` or `..`.
+/// (Names come from the image, which is untrusted: the kernel refuses a whole listing that
+/// carries one illegal name.)
+pub fn legal_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name != b"."
+        && name != b".."
+        && !name.contains(&b'/')
+        && !name.contains(&0)
+}
 /// Longest symlink target (PATH_MAX - 1).
 pub const SYMLINK_MAX: usize = 4095;
 /// Entry records live in file blocks `0..DIR_ENTRY_BLOCKS` of a directory's tree.

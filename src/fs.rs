@@ -1228,6 +1228,18 @@ impl Fs {
             let mut iter = batch.into_iter();
             while let Some(e) = iter.next() {
                 pos = e.next;
+                if !legal_name(&e.name) {
+                    // Left out, so that the rest of the directory can still be listed.
+                    let err = self.engine.corrupt(format!(
+                        "directory {ino}: entry {:?} has an illegal name",
+                        String::from_utf8_lossy(&e.name)
+                    ));
+                    log::error!("image corruption: {err}");
+                    if plus {
+                        self.forget(e.ino, 1)?;
+                    }
+                    continue;
+                }
                 let attr = if plus {
                     match self.getattr(e.ino) {
                         Ok(a) => Some(a),

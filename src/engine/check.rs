@@ -58,6 +58,8 @@ enum Fix {
     DropXattr(u64),
     SalvageDir(u64),
     DropEntry(u64, Vec<u8>),
+    /// An entry whose name cannot stand in a directory: renamed to a legal one.
+    RenameEntry(u64, Vec<u8>, Vec<u8>),
     Reindex(u64),
     ToLostFound(u64),
     SetLinks(u64, u32),
@@ -134,6 +136,12 @@ impl Walk<'_> {
                 self.dir_who(*d)
             ),
             Fix::Reindex(d) => format!("rebuilt the name index of {}", self.dir_who(*d)),
+            Fix::RenameEntry(d, from, to) => format!(
+                "renamed the entry {:?} of {} to {:?}",
+                String::from_utf8_lossy(from),
+                self.dir_who(*d),
+                String::from_utf8_lossy(to)
+            ),
             Fix::ToLostFound(ino) => {
                 format!("moved unreachable inode {ino} to /lost+found/#{ino}")
             }
@@ -720,6 +728,20 @@ fn walk_dir(
             w.fixes.push(Fix::DropEntry(dino, ent.name));
             continue;
         }
+        if !legal_name(&ent.name) {
+            let who = w.dir_who(dino);
+            w.problem(format!("{who}: entry {name:?} has an illegal name"));
+            // A legal name no other entry of the directory has.
+            let mut legal = format!("#illegal-{t}").into_bytes();
+            let mut n = 1;
+            while names.contains(&legal) {
+                legal = format!("#illegal-{t}-{n}").into_bytes();
+                n += 1;
+            }
+            names.insert(legal.clone());
+            w.fixes
+                .push(Fix::RenameEntry(dino, ent.name.clone(), legal));
+        }
         refs[t as usize] += 1;
         if w.paths[t as usize].is_none() {
             let parent = w.paths[dino as usize].as_deref().unwrap_or("?");
@@ -803,6 +825,15 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
                     Err(err) => return Err(err),
                 }
                 e.write_inode(&tx, dino, &mut dir)?;
+            }
+            Fix::RenameEntry(dino, from, to) => {
+                let mut dir = e.read_inode(dino)?;
+                if let Some((ino, kind)) = e.dir_lookup(&dir, &from)? {
+                    // The new name first, so the directory never counts zero entries between.
+                    e.dir_insert(&tx, &mut dir, &to, ino, kind)?;
+                    e.dir_remove(&tx, &mut dir, &from)?;
+                    e.write_inode(&tx, dino, &mut dir)?;
+                }
             }
             Fix::ToLostFound(ino) => to_lost_found(e, &tx, ino)?,
             Fix::RebuildFreeList => e.rebuild_free_list(&tx)?,

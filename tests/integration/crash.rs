@@ -540,7 +540,7 @@ fn fsck_names_paths_and_says_what_it_repaired() {
     fs::create_dir(m.p("docs")).unwrap();
     fs::write(m.p("docs/a.txt"), b"text").unwrap();
     let ino = fs::metadata(m.p("docs/a.txt")).unwrap().ino();
-    m.unmount();
+    m.settle();
     patch_inode(m.image(), ino, NLINK, &7u32.to_le_bytes());
     let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
     assert!(!out.status.success(), "fsck: {}", describe(&out));
@@ -571,7 +571,7 @@ fn absurd_times_on_the_image_do_not_kill_the_daemon() {
     let mut m = Mount::new();
     fs::write(m.p("f"), b"x").unwrap();
     let ino = fs::metadata(m.p("f")).unwrap().ino();
-    m.unmount();
+    m.settle();
     patch_inode(m.image(), ino, MTIME_SEC, &i64::MAX.to_le_bytes());
     patch_inode(m.image(), ino, MTIME_NSEC, &u32::MAX.to_le_bytes());
     m.mount();
@@ -602,7 +602,7 @@ fn a_lying_entry_counter_destroys_nothing() {
     }
     let zero = fs::metadata(m.p("zero")).unwrap().ino();
     let one = fs::metadata(m.p("one")).unwrap().ino();
-    m.unmount();
+    m.settle();
     patch_inode(m.image(), zero, DIR_LIVE, &0u64.to_le_bytes());
     patch_inode(m.image(), one, DIR_LIVE, &1u64.to_le_bytes());
     m.mount();
@@ -638,7 +638,7 @@ fn a_link_count_at_the_limit_does_not_wrap() {
     fs::write(m.p("full/keep"), b"keep").unwrap();
     fs::create_dir(m.p("sub")).unwrap();
     let full = fs::metadata(m.p("full")).unwrap().ino();
-    m.unmount();
+    m.settle();
     patch_inode(m.image(), full, NLINK, &u32::MAX.to_le_bytes());
     m.mount();
     assert_eq!(
@@ -664,7 +664,7 @@ fn a_huge_directory_end_offset_costs_nothing() {
         fs::write(m.p(&format!("d/f{i}")), b"x").unwrap();
     }
     let d = fs::metadata(m.p("d")).unwrap().ino();
-    m.unmount();
+    m.settle();
     patch_inode(m.image(), d, DIR_ENTRIES_END, &(1u64 << 62).to_le_bytes());
     let start = std::time::Instant::now();
     let _ = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
@@ -683,5 +683,71 @@ fn a_huge_directory_end_offset_costs_nothing() {
     assert!(took < Duration::from_secs(3), "10 listings took {took:?}");
     m.unmount();
     fsck_repair(m.image());
+    m.finish();
+}
+
+/// Renames the entry `from` of directory `dir` to `to` (same length) in the image, resealing
+/// the record and its block: a name no kernel call could have made.
+fn forge_name(image: &Path, dir: u64, from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = fs::read(image).unwrap();
+    let pos = name_offset(&bytes, dir, from);
+    bytes[pos..pos + to.len()].copy_from_slice(to);
+    let rec = pos - 16;
+    let mut c = crc32c::crc32c(&bytes[rec..rec + 8]);
+    c = crc32c::crc32c_append(c, &bytes[rec + 12..rec + 16]);
+    c = crc32c::crc32c_append(c, to);
+    bytes[rec + 8..rec + 12].copy_from_slice(&c.to_le_bytes());
+    let block = rec / 4096 * 4096;
+    let t = crc32c::crc32c(&bytes[block..block + 4092]);
+    bytes[block + 4092..block + 4096].copy_from_slice(&t.to_le_bytes());
+    fs::write(image, &bytes).unwrap();
+}
+
+/// Names with `/`, NUL, `.` or `..` (checksums valid): the directory still lists its other
+/// entries; fsck finds each and --repair renames it to a legal name, keeping the file.
+#[test]
+fn illegal_names_are_left_out_of_listings_and_renamed_by_repair() {
+    let mut m = Mount::new();
+    fs::create_dir(m.p("d")).unwrap();
+    for name in ["slash", "nul", "dot1", "dots", "fine"] {
+        fs::write(m.p(&format!("d/{name}")), name).unwrap();
+    }
+    let d = fs::metadata(m.p("d")).unwrap().ino();
+    m.settle();
+    forge_name(m.image(), d, b"slash", b"a/b/c");
+    forge_name(m.image(), d, b"nul", b"n\0l");
+    forge_name(m.image(), d, b"dot1", b".\0\0\0");
+    m.mount();
+    let listed: Vec<String> = fs::read_dir(m.p("d"))
+        .unwrap_or_else(|e| panic!("{e}: {}", m.log()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(listed.contains(&"fine".to_string()), "{listed:?}");
+    assert!(listed.contains(&"dots".to_string()), "{listed:?}");
+    assert!(!listed.iter().any(|n| n.contains('/')), "{listed:?}");
+    m.unmount();
+    let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"a/b/c\" has an illegal name"), "{text}");
+    let text = fsck_repair(m.image());
+    assert!(
+        text.contains("repaired: renamed the entry \"a/b/c\""),
+        "{text}"
+    );
+    fsck(m.image());
+    m.mount();
+    let mut contents: Vec<Vec<u8>> = fs::read_dir(m.p("d"))
+        .unwrap()
+        .map(|e| fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    contents.sort();
+    let mut want: Vec<Vec<u8>> = ["dot1", "dots", "fine", "nul", "slash"]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    want.sort();
+    assert_eq!(contents, want, "every file kept, under a legal name");
     m.finish();
 }
