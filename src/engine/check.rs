@@ -64,6 +64,7 @@ enum Fix {
     ToLostFound(u64),
     SetLinks(u64, u32),
     SetBlocks(u64, u64),
+    SetSize(u64, u64),
     SetParent(u64, u64),
     /// An inode-table leaf whose trailer is damaged: copied (and so resealed) as it is.
     RewriteLeaf(u64),
@@ -149,6 +150,7 @@ impl Walk<'_> {
             Fix::SetBlocks(ino, n) => {
                 format!("set the block count of {} to {n}", self.who(*ino))
             }
+            Fix::SetSize(ino, n) => format!("set the size of {} to {n}", self.who(*ino)),
             Fix::SetParent(ino, p) => format!(
                 "set the parent of {} to {}",
                 self.dir_who(*ino),
@@ -275,10 +277,6 @@ fn extent_problem(e: &Engine, rec: &Inode) -> Option<String> {
     .ok()?;
     match rec.file_type() {
         libc::S_IFLNK => {
-            let size = rec.size.get();
-            if size == 0 || size > SYMLINK_MAX as u64 {
-                return Some(format!("symlink of size {size}"));
-            }
             if let Some(fb) = content.iter().find(|&&fb| fb > 0) {
                 return Some(format!("symlink owns file block {fb}"));
             }
@@ -304,6 +302,47 @@ fn extent_problem(e: &Engine, rec: &Inode) -> Option<String> {
 }
 
 /// The kind of a directory's content block by its position.
+/// A size the contents contradict: a symlink whose size is not the length of its target (0,
+/// too long, or covering NULs), a file larger than the format allows. With the fix: the
+/// target's real length, the end of the file's last block, or (a symlink with no target at all)
+/// freeing the inode, whose name then goes as an entry to a missing inode.
+fn size_problem(e: &Engine, ino: u64, rec: &Inode) -> Option<(String, Fix)> {
+    let size = rec.size.get();
+    match rec.file_type() {
+        libc::S_IFLNK => {
+            let target: &[u8] = match e.data_run(rec, 0, SYMLINK_MAX as u64) {
+                Ok(super::DataRun::Mapped(b)) => b,
+                _ => &[],
+            };
+            let real = target.iter().position(|&b| b == 0).unwrap_or(target.len()) as u64;
+            if size == real && size > 0 {
+                return None;
+            }
+            let why = format!("symlink of size {size} but a target of {real} bytes");
+            Some(if real > 0 {
+                (why, Fix::SetSize(ino, real))
+            } else {
+                (why, Fix::FreeSlot(ino))
+            })
+        }
+        libc::S_IFREG if size > MAX_FILE_SIZE => {
+            let mut last = None;
+            let _ = e.tree_visit(rec.tree.get(), &mut |_, is_content, fblock| {
+                if is_content {
+                    last = last.max(Some(fblock));
+                }
+                Ok(())
+            });
+            let end = last.map_or(0, |b| (b + 1) * BLOCK_SIZE).min(MAX_FILE_SIZE);
+            Some((
+                format!("size {size} beyond the format's maximum of {MAX_FILE_SIZE}"),
+                Fix::SetSize(ino, end),
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn dir_block_kind(fblock: u64) -> Option<BlockKind> {
     Some(if fblock < DIR_ENTRY_BLOCKS {
         BlockKind::DirEntries
@@ -507,6 +546,11 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
                 0
             }
         };
+        if let Some((msg, fix)) = size_problem(e, ino, &rec) {
+            let who = w.who(ino);
+            w.problem(format!("{who}: {msg}"));
+            w.fixes.push(fix);
+        }
         if let Some(msg) = extent_problem(e, &rec) {
             let who = w.who(ino);
             w.problem(format!("{who}: {msg}"));
@@ -806,6 +850,7 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
             Fix::DropXattr(ino) => with_inode(e, &tx, ino, |rec| rec.xattr_block = 0.into())?,
             Fix::SetBlocks(ino, n) => with_inode(e, &tx, ino, |rec| rec.blocks = n.into())?,
             Fix::SetLinks(ino, n) => with_inode(e, &tx, ino, |rec| rec.nlink = n.into())?,
+            Fix::SetSize(ino, n) => with_inode(e, &tx, ino, |rec| rec.size = n.into())?,
             Fix::SetParent(ino, p) => with_inode(e, &tx, ino, |rec| rec.parent = p.into())?,
             Fix::SalvageDir(dino) => {
                 let mut dir = e.read_inode(dino)?;

@@ -751,3 +751,40 @@ fn illegal_names_are_left_out_of_listings_and_renamed_by_repair() {
     assert_eq!(contents, want, "every file kept, under a legal name");
     m.finish();
 }
+
+/// Sizes the contents contradict (checksums valid): a symlink's size shorter or longer than
+/// its target, a file beyond the format's maximum size. fsck --repair fixes each in one run and
+/// a second fsck is clean.
+#[test]
+fn sizes_the_contents_contradict_are_repaired() {
+    const SIZE: usize = 16;
+    let mut m = Mount::new();
+    std::os::unix::fs::symlink("the-target", m.p("short")).unwrap();
+    std::os::unix::fs::symlink("the-target", m.p("long")).unwrap();
+    fs::write(m.p("huge"), vec![7u8; 5000]).unwrap();
+    let ino = |p: &str| fs::symlink_metadata(m.p(p)).unwrap().ino();
+    let (short, long, huge) = (ino("short"), ino("long"), ino("huge"));
+    m.settle();
+    patch_inode(m.image(), short, SIZE, &3u64.to_le_bytes());
+    patch_inode(m.image(), long, SIZE, &4000u64.to_le_bytes());
+    patch_inode(m.image(), huge, SIZE, &(1u64 << 60).to_le_bytes());
+    let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("symlink of size 3 but a target of 10 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("beyond the format's maximum"), "{text}");
+    let text = fsck_repair(m.image());
+    assert!(text.contains("repaired: set the size of"), "{text}");
+    fsck(m.image());
+    m.mount();
+    for l in ["short", "long"] {
+        assert_eq!(fs::read_link(m.p(l)).unwrap(), Path::new("the-target"));
+    }
+    let data = fs::read(m.p("huge")).unwrap();
+    assert_eq!(data.len(), 8192, "size cut to the end of the last block");
+    assert_eq!(&data[..5000], &vec![7u8; 5000][..]);
+    m.finish();
+}

@@ -148,6 +148,9 @@ impl Mount {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The mount point appears before the daemon has answered the kernel's INIT: a stat
+        // waits for that, so an unmount right after cannot cut the handshake short.
+        let _ = fs::metadata(&self.mnt);
         self.child = Some(child);
     }
 
