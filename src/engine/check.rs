@@ -368,7 +368,7 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
         found.extend(report.problems.iter().cloned());
         let (fixes, said): (Vec<Fix>, Vec<Option<String>>) = fixes.into_iter().unzip();
         for what in said.into_iter().flatten() {
-            log::warn!("fsck --repair: {what}");
+            log::info!("fsck --repair: {what}");
             repaired.push(what);
         }
         apply(e, fixes)?;
