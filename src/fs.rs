@@ -215,6 +215,11 @@ fn check_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `rec` can take no more links (one short of what the count holds).
+fn at_link_limit(rec: &Inode) -> bool {
+    rec.nlink.get() >= u32::MAX - 1
+}
+
 fn now_time() -> Time {
     let (sec, nsec) = now();
     Time { sec, nsec }
@@ -602,7 +607,7 @@ impl Fs {
         }
         tx.reserve_more(self.engine.dir_insert_cost(&dir))?;
         let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
-        if is_dir && dir.nlink.get() >= u32::MAX - 1 {
+        if is_dir && at_link_limit(&dir) {
             return Err(Error::TooManyLinks);
         }
         // BSD group semantics for setgid directories, as tmpfs/ext4 do.
@@ -698,7 +703,7 @@ impl Fs {
         if rec.nlink.get() == 0 || dir.nlink.get() == 0 {
             return Err(Error::NotFound);
         }
-        if rec.nlink.get() >= u32::MAX - 1 {
+        if at_link_limit(&rec) {
             return Err(Error::TooManyLinks);
         }
         if self.engine.dir_lookup(&dir, newname)?.is_some() {
@@ -915,10 +920,10 @@ impl Fs {
             // A directory moving to another parent adds a link there: refuse rather than wrap
             // a count that a damaged image (or 2^32 subdirectories) put at the limit.
             let gains_link = match (&ndir, flags.exchange) {
-                (Some(nd), false) => src_is_dir && nd.nlink.get() >= u32::MAX - 1,
+                (Some(nd), false) => src_is_dir && at_link_limit(nd),
                 (Some(nd), true) => {
-                    (src_is_dir && !dst_is_dir && nd.nlink.get() >= u32::MAX - 1)
-                        || (dst_is_dir && !src_is_dir && pdir.nlink.get() >= u32::MAX - 1)
+                    (src_is_dir && !dst_is_dir && at_link_limit(nd))
+                        || (dst_is_dir && !src_is_dir && at_link_limit(&pdir))
                 }
                 (None, _) => false,
             };
@@ -1117,15 +1122,18 @@ impl Fs {
     /// kernel reference.
     /// Opens a directory stream on `ino`; returns its handle (never 0).
     pub fn opendir(&self, ino: u64) -> Result<u64> {
-        let end = {
-            let _g = self.engine.lock_read(ino);
-            self.read_dir(ino)?.dir_entries_end.get()
-        };
+        let end = self.entries_end(ino)?;
         let mut st = self.dir_streams.lock();
         st.next += 1;
         let fh = st.next;
         st.end.insert(fh, end);
         Ok(fh)
+    }
+
+    /// Where directory `ino`'s entry records end now: a stream begun now lists up to here.
+    fn entries_end(&self, ino: u64) -> Result<u64> {
+        let _g = self.engine.lock_read(ino);
+        Ok(self.read_dir(ino)?.dir_entries_end.get())
     }
 
     pub fn releasedir(&self, fh: u64) {
@@ -1157,10 +1165,7 @@ impl Fs {
             0 => u64::MAX,
             _ if offset == 0 => {
                 // rewinddir: the stream sees the directory as it is now.
-                let end = {
-                    let _g = self.engine.lock_read(ino);
-                    self.read_dir(ino)?.dir_entries_end.get()
-                };
+                let end = self.entries_end(ino)?;
                 self.dir_streams.lock().end.insert(fh, end);
                 end
             }

@@ -51,16 +51,11 @@ impl std::fmt::Display for Holder {
 /// unmount holds the image a moment longer; the engine's lock waits for that).
 pub fn mounted_at(image: &Path) -> Option<Holder> {
     let canon = image.canonicalize().ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mountpoint = info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mut r = right.split(' ');
-        let fstype = r.next()?;
-        let source = unescape_mountinfo(r.next()?);
-        let mp = unescape_mountinfo(left.split(' ').nth(4)?);
-        (fstype == format!("fuse.{SUBTYPE}") && Path::new(&source) == canon)
-            .then(|| PathBuf::from(mp))
-    })?;
+    let fstype = format!("fuse.{SUBTYPE}");
+    let mountpoint = mount_table()
+        .into_iter()
+        .find(|m| m.fstype == fstype && Path::new(&m.source) == canon)?
+        .mountpoint;
     Some(Holder {
         mountpoint: Some(mountpoint),
         pid: holder_pid(&canon),
@@ -103,13 +98,38 @@ fn check_mountpoint(mp: &Path) -> Result<PathBuf, String> {
 /// The device (`MAJOR:MINOR`) of the topmost mount at `mp`, from /proc/self/mountinfo; `None` if
 /// nothing is mounted there (or the table cannot be read).
 fn mount_device(mp: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let target = mp.to_string_lossy();
-    info.lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.get(4).map(|m| unescape_mountinfo(m)).as_deref() == Some(&*target))
-        .filter_map(|f| f.get(2).map(|d| d.to_string()))
+    mount_table()
+        .into_iter()
+        .filter(|m| m.mountpoint == mp)
+        .map(|m| m.device)
         .next_back()
+}
+
+/// One line of /proc/self/mountinfo.
+struct MountEntry {
+    device: String,
+    mountpoint: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// This process's mount table, in mount order (empty if it cannot be read).
+fn mount_table() -> Vec<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            // ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ...
+            let (left, right) = l.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            Some(MountEntry {
+                device: left.get(2)?.to_string(),
+                mountpoint: PathBuf::from(unescape_mountinfo(left.get(4)?)),
+                fstype: right.next()?.to_string(),
+                source: unescape_mountinfo(right.next()?),
+            })
+        })
+        .collect()
 }
 
 fn unescape_mountinfo(s: &str) -> String {
