@@ -10,6 +10,7 @@ need_cmd cc gcc
 need_cmd mount.fuse3 fuse3      # mount -t fuse.mmapfs and fstab lines (tests/integration/mounting.rs)
 need_cmd lsattr e2fsprogs      # the inode-flag ioctl test
 need_cmd setpriv util-linux    # commands run as a normal user
+need_cmd setfacl acl            # POSIX ACL tests (posix::acls_as_on_tmpfs)
 
 passed=0
 failed=0

@@ -511,6 +511,13 @@ fn print_identity(image: &Path, sb: &Superblock) {
     let uuid: String = sb.uuid.iter().map(|b| format!("{b:02x}")).collect();
     println!("image:        {}", image.display());
     println!("format:       mmapfs version {}", sb.version);
+    let mut features = Vec::new();
+    if sb.incompat.get() & INCOMPAT_XATTR_INDEXED != 0 {
+        features.push("large_xattrs");
+    }
+    if !features.is_empty() {
+        println!("features:     {}", features.join(" "));
+    }
     println!("uuid:         {uuid}");
 }
 

@@ -70,6 +70,8 @@ pub enum BlockKind {
     DirIndex = 5,
     /// Extended attributes of one inode.
     Xattr = 6,
+    /// A chunk of an inode's extended attributes that did not fit in its `Xattr` block.
+    XattrData = 7,
 }
 
 impl BlockKind {
@@ -81,6 +83,7 @@ impl BlockKind {
             4 => BlockKind::DirEntries,
             5 => BlockKind::DirIndex,
             6 => BlockKind::Xattr,
+            7 => BlockKind::XattrData,
             _ => return None,
         })
     }
@@ -126,9 +129,11 @@ pub const STATE_MOUNTED: u32 = 2;
 /// Superblock state: the daemon found damage; run `fsck`.
 pub const STATE_ERRORS: u32 = 3;
 
-/// Feature flags this build understands (all zero in version 2.0: the bits are for later
-/// additions such as shared blocks).
-pub const INCOMPAT_SUPPORTED: u32 = 0;
+/// Incompatible feature: some inode's extended attributes are in the indexed form (an `Xattr`
+/// block listing `XattrData` chunks). Set by the first commit that stores one.
+pub const INCOMPAT_XATTR_INDEXED: u32 = 1;
+/// Feature flags this build understands.
+pub const INCOMPAT_SUPPORTED: u32 = INCOMPAT_XATTR_INDEXED;
 pub const RO_COMPAT_SUPPORTED: u32 = 0;
 
 /// Entries in a superblock's inline commit list.
@@ -411,32 +416,60 @@ pub fn name_hash(seed: u64, name: &[u8]) -> u32 {
 
 // ----- extended attributes ------------------------------------------------------------------
 
-/// Header of an xattr block; entries follow, each `XattrEntryHeader` + name + value.
+/// Header of an xattr block. Inline form: the entries follow, each `XattrEntryHeader` + name +
+/// value. Indexed form: the entries are a byte stream cut into `XattrData` chunks of
+/// `XATTR_CHUNK` bytes, and the block numbers of the chunks follow (u64 each).
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct XattrBlockHeader {
     pub magic: U32,
-    /// Bytes used after the header.
+    /// Bytes of entries (inline: after the header; indexed: in the chunks).
     pub used: U32,
     /// crc32c of those `used` bytes.
     pub checksum: U32,
-    pub reserved: U32,
+    /// `XATTR_FORM_INLINE` or `XATTR_FORM_INDEXED`.
+    pub form: U32,
 }
 pub const XATTR_MAGIC: u32 = 0x5841_5454;
 pub const XATTR_HEADER_SIZE: usize = 16;
 const _: () = assert!(size_of::<XattrBlockHeader>() == XATTR_HEADER_SIZE);
-/// Bytes of entries an xattr block holds.
+/// Bytes of entries an inline xattr block holds.
 pub const XATTR_CAPACITY: usize = PAYLOAD_SIZE as usize - XATTR_HEADER_SIZE;
+pub const XATTR_FORM_INLINE: u32 = 0;
+pub const XATTR_FORM_INDEXED: u32 = 1;
+/// Bytes of the entry stream per `XattrData` chunk (its whole payload).
+pub const XATTR_CHUNK: usize = PAYLOAD_SIZE as usize;
+/// Chunks an indexed xattr block can list.
+pub const XATTR_MAX_CHUNKS: usize = XATTR_CAPACITY / 8;
+/// Largest attribute value (Linux's XATTR_SIZE_MAX).
+pub const XATTR_VALUE_MAX: usize = 65536;
+/// Largest total of the names with their NULs (Linux's XATTR_LIST_MAX: what listxattr returns).
+pub const XATTR_NAMES_MAX: usize = 65536;
 
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct XattrEntryHeader {
     pub name_len: u8,
-    pub reserved: u8,
+    /// Bits 16..24 of the value length (values reach 65536 bytes).
+    pub value_len_hi: u8,
+    /// Bits 0..16 of the value length.
     pub value_len: U16,
 }
 pub const XATTR_ENTRY_HEADER_SIZE: usize = 4;
 const _: () = assert!(size_of::<XattrEntryHeader>() == XATTR_ENTRY_HEADER_SIZE);
+
+impl XattrEntryHeader {
+    pub fn new(name_len: usize, value_len: usize) -> XattrEntryHeader {
+        XattrEntryHeader {
+            name_len: name_len as u8,
+            value_len_hi: (value_len >> 16) as u8,
+            value_len: (value_len as u16).into(),
+        }
+    }
+    pub fn value_len(&self) -> usize {
+        usize::from(self.value_len_hi) << 16 | usize::from(self.value_len.get())
+    }
+}
 
 #[cfg(test)]
 mod tests {

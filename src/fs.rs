@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::engine::{DataRun, DirEntry, Engine, NewInode, Tx, now};
+use crate::acl::{self, Acl};
+use crate::engine::{DataRun, DirEntry, Engine, NewInode, SetMode, Tx, now};
 use crate::error::{Error, Result};
 use crate::format::*;
 
@@ -29,6 +30,8 @@ pub use crate::engine::check;
 pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
+    /// The caller's umask, applied here unless the directory has a default ACL.
+    pub umask: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +170,9 @@ pub struct Fs {
     /// With the kernel's writeback cache the kernel keeps mtime/ctime of written files and sends
     /// them with setattr; writes must then leave them alone.
     kernel_owns_write_times: bool,
+    /// POSIX ACLs are on (the kernel enforces them): `system.posix_acl_*` attributes are kept,
+    /// and chmod and new files follow them (see `crate::acl`).
+    acls: bool,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
     rename_lock: Mutex<()>,
     /// Open directory streams (`opendir` handles): where the directory's entries ended when
@@ -271,19 +277,25 @@ impl Fs {
         Fs {
             engine,
             kernel_owns_write_times: false,
+            acls: false,
             rename_lock: Mutex::new(()),
             dir_streams: Mutex::default(),
         }
     }
 
-    /// See `kernel_owns_write_times` (set when the writeback cache is on).
     /// Starts the committer thread (periodic commits, freeing files left unlinked at a crash).
     pub fn start(&self) {
         self.engine.start_committer();
     }
 
+    /// See `kernel_owns_write_times` (set when the writeback cache is on).
     pub fn set_kernel_owns_write_times(&mut self, on: bool) {
         self.kernel_owns_write_times = on;
+    }
+
+    /// See `acls` (set when the kernel enforces POSIX ACLs for this mount).
+    pub fn set_acls(&mut self, on: bool) {
+        self.acls = on;
     }
 
     /// A handle on the engine that does not keep it alive (the stats server).
@@ -466,6 +478,7 @@ impl Fs {
         }
         if let Some(mode) = s.mode {
             rec.mode = ((rec.mode.get() & libc::S_IFMT) | (mode & 0o7777)).into();
+            self.acl_chmod(&tx, ino, &mut rec)?;
             changed = true;
         }
         if let Some(uid) = s.uid {
@@ -618,6 +631,8 @@ impl Fs {
         } else {
             mode
         };
+        let inherited = self.inherit(parent, &dir, mode, ctx.umask)?;
+        let mode = inherited.mode;
         let (ino, mut rec) = self.engine.alloc_inode(
             &tx,
             &NewInode {
@@ -628,6 +643,15 @@ impl Fs {
             },
         )?;
         let result = (|| {
+            for (name, value) in [
+                (acl::ACCESS, &inherited.access),
+                (acl::DEFAULT, &inherited.default),
+            ] {
+                if let Some(v) = value {
+                    self.engine
+                        .xattr_set(&tx, &mut rec, name, v, SetMode::Any)?;
+                }
+            }
             init(&tx, ino, &mut rec)?;
             self.engine.write_inode(&tx, ino, &mut rec)?;
             self.engine
@@ -1429,24 +1453,119 @@ impl Fs {
         Ok(len)
     }
 
+    /// Supported namespaces: user, trusted, security, and the POSIX ACLs when they are on.
+    fn check_xattr_name(&self, name: &[u8]) -> Result<()> {
+        if name.len() > 255 {
+            return Err(Error::Range);
+        }
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            return if self.acls {
+                Ok(())
+            } else {
+                Err(Error::NotSupported)
+            };
+        }
+        let ok = [&b"user."[..], b"trusted.", b"security."]
+            .iter()
+            .any(|p| name.len() > p.len() && name.starts_with(p));
+        if ok { Ok(()) } else { Err(Error::NotSupported) }
+    }
+
+    /// A stored ACL of `ino`, if it has one.
+    fn stored_acl(&self, ino: u64, rec: &Inode, name: &[u8]) -> Result<Option<Acl>> {
+        if !self.acls || rec.xattr_block.get() == 0 {
+            return Ok(None);
+        }
+        match self.engine.xattr_get(rec, name) {
+            Ok(v) => Acl::parse(&v).map(Some).map_err(|_| {
+                self.engine.corrupt(format!(
+                    "inode {ino}: stored {} is not a valid ACL",
+                    String::from_utf8_lossy(name)
+                ))
+            }),
+            Err(Error::NoAttr) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// chmod keeps an access ACL in step with the new mode bits (`posix_acl_chmod`).
+    fn acl_chmod(&self, tx: &Tx, ino: u64, rec: &mut Inode) -> Result<()> {
+        let Some(mut a) = self.stored_acl(ino, rec, acl::ACCESS)? else {
+            return Ok(());
+        };
+        a.chmod(rec.mode.get());
+        self.engine
+            .xattr_set(tx, rec, acl::ACCESS, &a.encode(), SetMode::Replace)
+    }
+
+    /// A new node's mode and ACLs: from the directory's default ACL when it has one, which
+    /// then replaces the umask (POSIX.1e), else the mode less the umask.
+    fn inherit(&self, parent: u64, dir: &Inode, mode: u32, umask: u32) -> Result<Inherited> {
+        let kind = mode & libc::S_IFMT;
+        let default = if kind == libc::S_IFLNK {
+            None
+        } else {
+            self.stored_acl(parent, dir, acl::DEFAULT)?
+        };
+        let Some(default) = default else {
+            let mode = if kind == libc::S_IFLNK {
+                mode
+            } else {
+                mode & !(umask & 0o777)
+            };
+            return Ok(Inherited {
+                mode,
+                access: None,
+                default: None,
+            });
+        };
+        let mut access = default.clone();
+        let mode = (mode & !0o777) | access.create_masq(mode);
+        Ok(Inherited {
+            mode,
+            access: (!access.is_minimal()).then(|| access.encode()),
+            default: (kind == libc::S_IFDIR).then(|| default.encode()),
+        })
+    }
+
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let mode = match flags {
-            0 => crate::engine::SetMode::Any,
-            libc::XATTR_CREATE => crate::engine::SetMode::Create,
-            libc::XATTR_REPLACE => crate::engine::SetMode::Replace,
+            0 => SetMode::Any,
+            libc::XATTR_CREATE => SetMode::Create,
+            libc::XATTR_REPLACE => SetMode::Replace,
             _ => return Err(Error::Invalid),
         };
         let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
-        self.engine.xattr_set(&tx, &mut rec, name, value, mode)?;
+        if name == acl::ACCESS {
+            // The mode bits follow the ACL; an ACL the mode says all of is not kept.
+            let a = Acl::parse(value)?;
+            rec.mode = ((rec.mode.get() & !0o777) | a.mode_bits()).into();
+            if a.is_minimal() {
+                match self.engine.xattr_remove(&tx, &mut rec, name) {
+                    Ok(()) | Err(Error::NoAttr) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.engine.xattr_set(&tx, &mut rec, name, value, mode)?;
+            }
+        } else {
+            if name == acl::DEFAULT {
+                if !rec.is_dir() {
+                    return Err(Error::AccessDenied);
+                }
+                Acl::parse(value)?;
+            }
+            self.engine.xattr_set(&tx, &mut rec, name, value, mode)?;
+        }
         set_ctime(&mut rec, now_time());
         self.engine.write_inode(&tx, ino, &mut rec)
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let _g = self.engine.lock_read(ino);
         let rec = self.engine.read_inode(ino)?;
         self.engine.xattr_get(&rec, name)
@@ -1465,7 +1584,7 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
-        check_xattr_name(name)?;
+        self.check_xattr_name(name)?;
         let tx = self.engine.begin(OP_BLOCKS)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
@@ -1483,13 +1602,11 @@ impl Drop for Fs {
     }
 }
 
-/// Supported namespaces: user, trusted, security. POSIX ACLs (system.*) are not supported.
-fn check_xattr_name(name: &[u8]) -> Result<()> {
-    if name.len() > 255 {
-        return Err(Error::Range);
-    }
-    let ok = [&b"user."[..], b"trusted.", b"security."]
-        .iter()
-        .any(|p| name.len() > p.len() && name.starts_with(p));
-    if ok { Ok(()) } else { Err(Error::NotSupported) }
+/// What a new node takes from its directory.
+struct Inherited {
+    mode: u32,
+    /// Its access ACL (when the directory's default ACL says more than mode bits can).
+    access: Option<Vec<u8>>,
+    /// Its default ACL (a directory under a directory with one).
+    default: Option<Vec<u8>>,
 }

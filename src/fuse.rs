@@ -30,6 +30,8 @@ pub const MAX_WRITE: u32 = 1 << 20;
 #[derive(Clone, Copy, Debug)]
 pub struct KernelOptions {
     pub writeback_cache: bool,
+    /// POSIX ACLs, when the kernel offers them.
+    pub acl: bool,
     pub readdirplus: bool,
     /// Largest write request asked of the kernel (bytes).
     pub max_write: u32,
@@ -188,7 +190,14 @@ fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
         gid: req.gid(),
+        umask: 0,
     }
+}
+
+/// The caller of a request that creates a node, with its umask: the kernel leaves the umask
+/// to the daemon (FUSE_DONT_MASK) when ACLs are on, since a default ACL replaces it.
+fn creator(req: &Request, umask: u32) -> Ctx {
+    Ctx { umask, ..ctx(req) }
 }
 
 fn set_time(t: TimeOrNow) -> SetTime {
@@ -257,6 +266,13 @@ impl Filesystem for FuseAdapter {
         }
         if self.opts.readdirplus {
             wanted |= InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        }
+        // The kernel enforces ACLs from the stored attributes and leaves the umask to the
+        // daemon, which replaces it by a directory's default ACL.
+        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        if self.opts.acl && caps.contains(acl) {
+            wanted |= acl;
+            self.fs.set_acls(true);
         }
         if let Err(unsupported) = config.add_capabilities(wanted & caps) {
             log::warn!("kernel lacks FUSE capabilities {unsupported:?}");
@@ -356,7 +372,7 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -365,7 +381,7 @@ impl Filesystem for FuseAdapter {
             reply,
             &self.opts.ownership,
             self.fs
-                .mknod(parent.0, name.as_bytes(), mode, rdev, ctx(req)),
+                .mknod(parent.0, name.as_bytes(), mode, rdev, creator(req, umask)),
         );
     }
 
@@ -375,14 +391,15 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Mkdir);
         reply_entry(
             reply,
             &self.opts.ownership,
-            self.fs.mkdir(parent.0, name.as_bytes(), mode, ctx(req)),
+            self.fs
+                .mkdir(parent.0, name.as_bytes(), mode, creator(req, umask)),
         );
     }
 
@@ -702,12 +719,15 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
         self.stats.count(Op::Create);
-        match self.fs.create(parent.0, name.as_bytes(), mode, ctx(req)) {
+        match self
+            .fs
+            .create(parent.0, name.as_bytes(), mode, creator(req, umask))
+        {
             Ok(a) => reply.created(
                 &TTL,
                 &self.opts.ownership.apply(file_attr(&a)),

@@ -2,13 +2,15 @@
 //!
 //! Layers, each depending only on the ones below it: `cli` and `mount` (the commands) ->
 //! `fuse` (adapter) -> `fs` (POSIX semantics) -> `engine` (storage) -> `format` (on-image
-//! structs) -> `image` (the mapping). `unsafe` lives only in `image` and in `sys` (the few system
+//! structs) -> `image` (the mapping). `acl` (the POSIX ACL rules) is a leaf that `fs` and
+//! `engine`'s fsck use. `unsafe` lives only in `image` and in `sys` (the few system
 //! calls std has no safe form of). `v1` stands apart: a read-only reader of format-version-1
 //! images (with `pread`), for upgrading them.
 
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod acl;
 pub mod cli;
 pub mod engine;
 pub mod error;

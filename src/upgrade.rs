@@ -219,6 +219,7 @@ fn create(
     let ctx = Ctx {
         uid: rec.uid,
         gid: rec.gid,
+        umask: 0,
     };
     let perm = rec.mode & 0o7777;
     let attr = match rec.kind {

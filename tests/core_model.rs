@@ -10,7 +10,11 @@ use mmapfs::format::ROOT_INO;
 use mmapfs::fs::{Changer, Ctx, Fs, RenameFlags, SetAttr};
 use proptest::prelude::*;
 
-const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    umask: 0,
+};
 /// Bytes compared on each side of an interesting offset.
 const WINDOW: u64 = 8192;
 const NAMES: [&str; 6] = ["a", "b", "c", "long-name-with-some-length", "d", "e"];

@@ -26,7 +26,11 @@ use mmapfs::fs::{
 };
 use mmapfs::image;
 
-const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    umask: 0,
+};
 /// Word size of the data pattern: every 8-byte word says whose it is, where, and which write.
 const WORD: u64 = 8;
 /// Tree-level boundaries of a file: 510 blocks (the first node full) and 510^2 blocks.

@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use zerocopy::FromZeros;
 
-use super::Engine;
+use super::{Engine, SetMode};
+use crate::acl::{self, Acl};
 use crate::error::{Error, Result};
 use crate::format::*;
 
@@ -56,6 +57,10 @@ enum Fix {
     /// The inode's tree conflicts with others: it loses its contents.
     DropTree(u64),
     DropXattr(u64),
+    /// One attribute that cannot stand (an invalid or misplaced ACL).
+    DropAttr(u64, Vec<u8>),
+    /// An access ACL that disagrees with the mode bits: its entries take the mode's bits.
+    AclFromMode(u64),
     SalvageDir(u64),
     DropEntry(u64, Vec<u8>),
     /// An entry whose name cannot stand in a directory: renamed to a legal one.
@@ -129,6 +134,14 @@ impl Walk<'_> {
             ),
             Fix::DropXattr(ino) => {
                 format!("dropped the extended attributes of {}", self.who(*ino))
+            }
+            Fix::DropAttr(ino, name) => format!(
+                "removed the attribute {} of {}",
+                String::from_utf8_lossy(name),
+                self.who(*ino)
+            ),
+            Fix::AclFromMode(ino) => {
+                format!("set the access ACL of {} from its mode", self.who(*ino))
             }
             Fix::SalvageDir(d) => format!("kept the readable entries of {}", self.dir_who(*d)),
             Fix::DropEntry(d, name) => format!(
@@ -301,7 +314,58 @@ fn extent_problem(e: &Engine, rec: &Inode) -> Option<String> {
     None
 }
 
-/// The kind of a directory's content block by its position.
+/// What is wrong with an inode's stored POSIX ACLs: one that does not parse, a default ACL on
+/// a non-directory, an access ACL whose class entries disagree with the mode bits.
+fn acl_problems(e: &Engine, ino: u64, rec: &Inode) -> Vec<(String, Fix)> {
+    let mut out = Vec::new();
+    for name in [acl::ACCESS, acl::DEFAULT] {
+        let shown = String::from_utf8_lossy(name);
+        let Ok(value) = e.xattr_get(rec, name) else {
+            continue;
+        };
+        let drop = |why: String| (why, Fix::DropAttr(ino, name.to_vec()));
+        match Acl::parse(&value) {
+            Err(_) => out.push(drop(format!("{shown} is not a valid ACL"))),
+            Ok(_) if name == acl::DEFAULT && !rec.is_dir() => {
+                out.push(drop(format!("{shown} on a non-directory")))
+            }
+            Ok(a) if name == acl::ACCESS && a.mode_bits() != rec.mode.get() & 0o777 => out.push((
+                format!(
+                    "{shown} gives mode {:03o}, the inode says {:03o}",
+                    a.mode_bits(),
+                    rec.mode.get() & 0o777
+                ),
+                Fix::AclFromMode(ino),
+            )),
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
+/// Claims the blocks of an inode's extended attributes after verifying each and the stream;
+/// on any problem claims nothing and says why. Returns the blocks claimed.
+fn claim_xattrs(w: &mut Walk, e: &Engine, rec: &Inode) -> std::result::Result<u64, String> {
+    let blocks = e.xattr_blocks(rec).map_err(|err| err.to_string())?;
+    for (i, &b) in blocks.iter().enumerate() {
+        let kind = if i == 0 {
+            BlockKind::Xattr
+        } else {
+            BlockKind::XattrData
+        };
+        w.meta_ok(b, kind)?;
+    }
+    let mut claimed = Vec::new();
+    for &b in &blocks {
+        if !w.claim(b) {
+            claimed.iter().for_each(|&c| w.release(c));
+            return Err(format!("block {b} is owned twice"));
+        }
+        claimed.push(b);
+    }
+    Ok(blocks.len() as u64)
+}
+
 /// A size the contents contradict: a symlink whose size is not the length of its target (0,
 /// too long, or covering NULs), a file larger than the format allows. With the fix: the
 /// target's real length, the end of the file's last block, or (a symlink with no target at all)
@@ -343,6 +407,7 @@ fn size_problem(e: &Engine, ino: u64, rec: &Inode) -> Option<(String, Fix)> {
     }
 }
 
+/// The kind of a directory's content block by its position.
 fn dir_block_kind(fblock: u64) -> Option<BlockKind> {
     Some(if fblock < DIR_ENTRY_BLOCKS {
         BlockKind::DirEntries
@@ -558,13 +623,20 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
         if xb != 0 {
-            let valid = w.meta_ok(xb, BlockKind::Xattr).is_ok() && e.xattr_validate(&rec).is_ok();
-            if valid && w.claim(xb) {
-                owned += 1;
-            } else {
-                let who = w.who(ino);
-                w.problem(format!("{who}: xattr block {xb} invalid or owned twice"));
-                w.fixes.push(Fix::DropXattr(ino));
+            match claim_xattrs(&mut w, e, &rec) {
+                Ok(n) => {
+                    owned += n;
+                    for (msg, fix) in acl_problems(e, ino, &rec) {
+                        let who = w.who(ino);
+                        w.problem(format!("{who}: {msg}"));
+                        w.fixes.push(fix);
+                    }
+                }
+                Err(why) => {
+                    let who = w.who(ino);
+                    w.problem(format!("{who}: extended attributes: {why}"));
+                    w.fixes.push(Fix::DropXattr(ino));
+                }
             }
         }
         if rec.blocks.get() != owned {
@@ -848,6 +920,18 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
                 }
             })?,
             Fix::DropXattr(ino) => with_inode(e, &tx, ino, |rec| rec.xattr_block = 0.into())?,
+            Fix::DropAttr(ino, name) => {
+                let mut rec = e.read_inode(ino)?;
+                e.xattr_remove(&tx, &mut rec, &name)?;
+                e.write_inode(&tx, ino, &mut rec)?;
+            }
+            Fix::AclFromMode(ino) => {
+                let mut rec = e.read_inode(ino)?;
+                let mut a = Acl::parse(&e.xattr_get(&rec, acl::ACCESS)?)?;
+                a.chmod(rec.mode.get());
+                e.xattr_set(&tx, &mut rec, acl::ACCESS, &a.encode(), SetMode::Replace)?;
+                e.write_inode(&tx, ino, &mut rec)?;
+            }
             Fix::SetBlocks(ino, n) => with_inode(e, &tx, ino, |rec| rec.blocks = n.into())?,
             Fix::SetLinks(ino, n) => with_inode(e, &tx, ino, |rec| rec.nlink = n.into())?,
             Fix::SetSize(ino, n) => with_inode(e, &tx, ino, |rec| rec.size = n.into())?,

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
-use super::pager::Blocks;
 use super::txn::Tx;
 use super::{Engine, NewInode, block_off, set_all_times_now};
 use crate::error::{Error, Result};
@@ -295,11 +294,7 @@ impl Engine {
         let mut tree = rec.tree.get();
         let mut blocks = rec.blocks.get();
         self.tree_free_range(&mut tx.blocks(), &mut tree, 0, u64::MAX, &mut blocks)?;
-        let xb = rec.xattr_block.get();
-        if xb != 0 {
-            self.check_block(xb, "xattr block")?;
-            tx.blocks().free(xb, 1)?;
-        }
+        self.xattr_free(tx, rec)?;
         self.forget_dirty_data(ino);
         let mut it = self.itab.lock();
         let cur = self.record_locked(&it, ino)?;

@@ -138,6 +138,16 @@ impl Engine {
         self.mode == OpenMode::Mount
     }
 
+    /// Records in the superblock (from the next commit on) that the image uses an incompatible
+    /// feature.
+    fn enable_incompat(&self, flag: u32) {
+        let mut misc = self.misc.lock();
+        if misc.incompat.get() & flag == 0 {
+            misc.incompat = (misc.incompat.get() | flag).into();
+            *self.misc_dirty.lock() = true;
+        }
+    }
+
     /// Validates a block number read from the image.
     fn check_block(&self, block: u64, what: &str) -> Result<u64> {
         if block == 0 || block >= self.img.len() / BLOCK_SIZE || block >= MAX_BLOCKS {

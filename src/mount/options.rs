@@ -57,6 +57,7 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
   allow_root          the user who mounted and root may use it
   auto_unmount        unmount when the daemon dies (with allow_other/allow_root)
   default_permissions the kernel checks permissions from the modes [always on]
+  acl, noacl          POSIX ACLs (setfacl/getfacl), enforced by the kernel [acl]
   uid=USER, gid=GROUP show every file as owned by this user and group
   umask=OCTAL         show every file with these permission bits cleared
   commit=SECONDS      seconds between commits when nothing calls fsync [5]
@@ -112,6 +113,7 @@ impl Default for Settings {
             // data::sparse_file_at_one_tib, posix::chmod_chown_and_nanosecond_times fail with it).
             kernel: KernelOptions {
                 writeback_cache: false,
+                acl: true,
                 readdirplus: true,
                 max_write: MAX_WRITE,
                 ownership: Ownership::default(),
@@ -182,6 +184,8 @@ impl Settings {
             "writeback_cache" => flag(&mut self.kernel.writeback_cache, true),
             "no_writeback_cache" => flag(&mut self.kernel.writeback_cache, false),
             "no_readdirplus" => flag(&mut self.kernel.readdirplus, false),
+            "acl" => flag(&mut self.kernel.acl, true),
+            "noacl" => flag(&mut self.kernel.acl, false),
             "no_clone_fd" => flag(&mut self.clone_fd, false),
             "no_pin_threads" => flag(&mut self.pin_threads, false),
             "remount" => Err(

@@ -564,6 +564,40 @@ fn fsck_names_paths_and_says_what_it_repaired() {
     m.finish();
 }
 
+/// fsck checks stored ACLs: an access ACL whose mask disagrees with the mode bits (mode
+/// damaged with valid checksums) is found, repaired from the mode, and the repair converges.
+#[test]
+fn fsck_checks_acls_against_the_mode() {
+    let mut m = Mount::new();
+    fs::write(m.p("shared"), b"x").unwrap();
+    let out = run(std::process::Command::new("setfacl")
+        .args(["-m", "u:nobody:rw"])
+        .arg(m.p("shared")));
+    assert!(out.status.success(), "setfacl: {}", describe(&out));
+    assert_eq!(fs::metadata(m.p("shared")).unwrap().mode() & 0o777, 0o664);
+    let ino = fs::metadata(m.p("shared")).unwrap().ino();
+    m.settle();
+    patch_inode(m.image(), ino, 0, &(libc::S_IFREG | 0o604).to_le_bytes());
+    let out = run(std::process::Command::new(BIN).arg("fsck").arg(m.image()));
+    assert!(!out.status.success(), "fsck: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("system.posix_acl_access gives mode 664, the inode says 604"),
+        "{text}"
+    );
+    let text = fsck_repair(m.image());
+    assert!(text.contains("set the access ACL of"), "{text}");
+    fsck(m.image());
+    m.mount();
+    let out = run(std::process::Command::new("getfacl")
+        .args(["-p", "-n"])
+        .arg(m.p("shared")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("user:65534:rw-\t#effective:---"), "{text}");
+    assert!(text.contains("mask::---"), "{text}");
+    m.finish();
+}
+
 /// A time no clock can hold (mtime 2^63-1 s and 2^32-1 ns, checksums valid) is shown clamped;
 /// `stat` does not bring the daemon down.
 #[test]

@@ -735,6 +735,122 @@ fn xattrs() {
     m.finish();
 }
 
+/// Many attributes per file and values up to Linux's 64 KiB maximum: the inode's attributes
+/// outgrow one block and move to chunks, and back when they shrink.
+#[test]
+fn many_and_large_xattrs() {
+    let mut m = Mount::new();
+    let p = m.p("f");
+    fs::write(&p, b"x").unwrap();
+    let blocks_before = lstat(&p).st_blocks;
+    for i in 0..1000 {
+        set_xattr(
+            &p,
+            &format!("user.attr_{i:04}"),
+            format!("value {i}").as_bytes(),
+        );
+    }
+    let max = pattern(7, 0, 65536);
+    set_xattr(&p, "user.max", &max);
+    let half = pattern(8, 0, 40000);
+    set_xattr(&p, "trusted.half", &half);
+    assert_eq!(
+        setxattr(&p, "user.toobig", &pattern(9, 0, 65537), 0),
+        Err(libc::E2BIG)
+    );
+    assert!(
+        lstat(&p).st_blocks >= blocks_before + 8 * 30,
+        "st_blocks counts the attribute chunks"
+    );
+    let check_all = |p: &Path| {
+        let names = listxattr(p);
+        assert_eq!(names.len(), 1002);
+        for i in (0..1000).step_by(37) {
+            let v = getxattr(p, &format!("user.attr_{i:04}")).unwrap();
+            assert_eq!(v, format!("value {i}").as_bytes());
+        }
+        assert_eq!(getxattr(p, "user.max").unwrap(), max);
+        assert_eq!(getxattr(p, "trusted.half").unwrap(), half);
+    };
+    check_all(&p);
+    // A change in the middle of the stream, and a replace that grows a value.
+    setxattr(
+        &p,
+        "user.attr_0500",
+        &pattern(10, 0, 5000),
+        libc::XATTR_REPLACE,
+    )
+    .unwrap();
+    assert_eq!(
+        getxattr(&p, "user.attr_0500").unwrap(),
+        pattern(10, 0, 5000)
+    );
+    set_xattr(&p, "user.attr_0500", b"value 500");
+    m.remount();
+    let p = m.p("f");
+    check_all(&p);
+    // Shrink back to a few small ones: the inline form again, and the chunks are freed (fsck
+    // in `finish` finds no leaked block).
+    for i in 0..1000 {
+        removexattr(&p, &format!("user.attr_{i:04}")).unwrap();
+    }
+    removexattr(&p, "trusted.half").unwrap();
+    removexattr(&p, "user.max").unwrap();
+    set_xattr(&p, "user.small", b"s");
+    assert_eq!(listxattr(&p), ["user.small"]);
+    assert_eq!(lstat(&p).st_blocks, blocks_before + 8);
+
+    // Limits: the names of one file fit listxattr's 64 KiB, the stream its 508 chunks.
+    let q = m.p("names");
+    fs::write(&q, b"").unwrap();
+    let long = |i: usize| format!("user.{i:04}{}", "n".repeat(246));
+    let mut set = 0;
+    while set < 300 {
+        match setxattr(&q, &long(set), b"", 0) {
+            Ok(()) => set += 1,
+            Err(e) => {
+                assert_eq!(e, libc::ENOSPC);
+                break;
+            }
+        }
+    }
+    assert_eq!(set, 256, "names up to 64 KiB in all");
+    assert_eq!(listxattr(&q).len(), 256);
+    let r = m.p("values");
+    fs::write(&r, b"").unwrap();
+    let mut set = 0;
+    while set < 40 {
+        match setxattr(
+            &r,
+            &format!("user.v{set}"),
+            &pattern(set as u64, 0, 65536),
+            0,
+        ) {
+            Ok(()) => set += 1,
+            Err(e) => {
+                assert_eq!(e, libc::ENOSPC);
+                break;
+            }
+        }
+    }
+    assert_eq!(set, 31, "about 2 MiB of attributes per file");
+    assert_eq!(getxattr(&r, "user.v30").unwrap(), pattern(30, 0, 65536));
+    assert_eq!(getxattr(&r, "user.v31"), Err(libc::ENODATA));
+    m.remount();
+    assert_eq!(listxattr(&m.p("names")).len(), 256);
+    assert_eq!(
+        getxattr(&m.p("values"), "user.v0").unwrap(),
+        pattern(0, 0, 65536)
+    );
+    // Unlinking frees every chunk (fsck in `finish`).
+    fs::remove_file(m.p("values")).unwrap();
+    m.unmount();
+    // Older builds must refuse the image instead of misreading the chunked form.
+    let info = info(m.image());
+    assert!(info.contains("features:     large_xattrs"), "{info}");
+    m.finish();
+}
+
 #[test]
 fn statfs_reports_capacity_and_usage() {
     let mut m = Mount::new();
@@ -1141,6 +1257,75 @@ fn on_tmpfs<T>(f: impl FnOnce(&Path) -> T) -> T {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dir.path())));
     let _ = Command::new("umount").arg(dir.path()).status();
     r.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// POSIX ACLs with the standard tools, compared with tmpfs: setfacl/getfacl, the mode bits
+/// that follow an access ACL and chmod, default ACLs inherited by new files and directories in
+/// place of the umask, and the kernel enforcing named entries for another user. They survive
+/// a remount; `-o noacl` turns them off.
+#[test]
+fn acls_as_on_tmpfs() {
+    const SCRIPT: &str = "
+        umask 022
+        mkdir d open
+        setfacl -m u:nobody:rwx,g:nogroup:r open
+        setfacl -d -m u:nobody:rx,g::rwx,o::- d
+        touch d/f plain
+        mkdir d/sub
+        mknod d/fifo p
+        ln -s f d/link
+        echo data > d/secret
+        chmod 640 d/secret
+        setfacl -m u:nobody:r d/secret
+        chmod 600 d/f
+        setfacl -m m::rw d/sub
+        setfacl -m u::rwx,g::-,o::r plain
+        getfacl -p -n d d/* open plain 2>&1
+        stat -c '%A %n' d d/* open plain
+        setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '
+            cat d/secret; cat d/f 2>/dev/null || echo denied f
+            echo by nobody > open/new && echo wrote open/new
+            echo x > plain 2>/dev/null || echo denied plain' 2>&1
+        stat -c '%A %U %n' open/new
+        setfacl -b d/secret
+        setfacl -k d
+        getfacl -p -n d d/secret 2>&1
+        stat -c '%A %n' d/secret
+        touch d/after
+        stat -c '%A %n' d/after
+    ";
+    let script = |root: &Path| {
+        let out = run(Command::new("sh").arg("-c").arg(SCRIPT).current_dir(root));
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let want = on_tmpfs(script);
+    assert!(want.contains("user:65534:r-x"), "tmpfs has ACLs: {want}");
+    let mut m = Mount::new();
+    let got = script(m.path());
+    assert_eq!(got, want);
+    let listing = |root: &Path| {
+        let out = run(Command::new("getfacl")
+            .args(["-R", "-p", "-n", "."])
+            .current_dir(root));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = listing(m.path());
+    m.remount();
+    assert_eq!(listing(m.path()), before);
+    m.unmount();
+    let mut m2 = Mount::with(&["--size", "16M"], &["noacl"]);
+    let out = run(Command::new("setfacl")
+        .args(["-m", "u:nobody:r"])
+        .arg(m2.p(".")));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not supported"),
+        "{}",
+        describe(&out)
+    );
+    m2.unmount();
+    m.finish();
 }
 
 /// RENAME_WHITEOUT (overlayfs on an upper directory here): the file moves and a 0/0 character
