@@ -5,7 +5,8 @@
 //! one of its versions, some torn. Every image is recovered (opened as a mount does) and must:
 //! - open (recovery never refuses it) and pass fsck;
 //! - hold exactly the namespace of a committed state: the last one, or, when the cut came
-//!   inside a commit, the one being committed (names, types, hard links, sizes, link targets);
+//!   inside a commit, the one being committed (names, types, hard links, sizes, link targets,
+//!   extended attributes, some of them large enough to be stored in chunks);
 //! - show in every file only bytes that file was given at that offset since its last truncate
 //!   there, or zeros;
 //! - hold every file byte for byte as its last fsync left it, if unchanged since;
@@ -97,6 +98,21 @@ enum Node {
 struct FileModel {
     size: u64,
     words: Arc<BTreeMap<u64, u32>>,
+    /// Extended attributes: name number -> (operation that set it, value length).
+    xattrs: BTreeMap<u8, (usize, u32)>,
+}
+
+/// Name and value of an attribute the workload sets (values up to the 64 KiB maximum, so an
+/// inode's attributes take the chunked form).
+fn xattr_name(n: u8) -> Vec<u8> {
+    format!("user.attr-{n}").into_bytes()
+}
+
+fn xattr_value(fid: Fid, n: u8, op: usize, len: u32) -> Vec<u8> {
+    let seed = (fid as usize) * 31 + usize::from(n) * 7 + op * 13;
+    (0..len as usize)
+        .map(|i| ((seed + i) % 251) as u8)
+        .collect()
 }
 
 #[derive(Clone, Default)]
@@ -240,6 +256,8 @@ enum Op {
     Mkdir(String),
     Rmdir(String),
     Symlink(String, Vec<u8>),
+    SetXattr(String, u8, u32),
+    RemoveXattr(String, u8),
     Fsync(String, bool),
     FsyncDir(String),
     /// Keep a reference on a file, as an open file descriptor would (or drop one).
@@ -367,7 +385,20 @@ fn gen_ops(s: &State, rng: &mut Rng) -> Vec<Op> {
                 let target: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
                 (!s.names.contains_key(&p)).then_some(Op::Symlink(p, target))
             }
-            80..=92 => rng
+            80..=82 => rng.pick(&files).map(|(p, f)| {
+                let n = rng.below(6) as u8;
+                if s.files[f].xattrs.contains_key(&n) && rng.below(3) == 0 {
+                    Op::RemoveXattr(p.clone(), n)
+                } else {
+                    let len = match rng.below(3) {
+                        0 => rng.below(200),
+                        1 => 4000 + rng.below(12_000),
+                        _ => 30_000 + rng.below(35_537),
+                    };
+                    Op::SetXattr(p.clone(), n, len as u32)
+                }
+            }),
+            83..=92 => rng
                 .pick(&files)
                 .map(|(p, _)| Op::Fsync(p.clone(), rng.below(2) == 0)),
             93..=95 => rng.pick(&dirs).map(|d| Op::FsyncDir(d.clone())),
@@ -681,6 +712,25 @@ impl Actor {
                     .names
                     .insert(p.clone(), Node::Symlink(target.clone()));
             }
+            Op::SetXattr(p, n, len) => {
+                let Some(Node::File(fid)) = self.state.names.get(p).cloned() else {
+                    unreachable!()
+                };
+                let at = self.state.op + 1;
+                let value = xattr_value(fid, *n, at, *len);
+                fs.setxattr(self.inos[&fid], &xattr_name(*n), &value, 0)
+                    .unwrap_or_else(|e| fail("setxattr", e));
+                let model = self.state.files.get_mut(&fid).unwrap();
+                model.xattrs.insert(*n, (at, *len));
+            }
+            Op::RemoveXattr(p, n) => {
+                let Some(Node::File(fid)) = self.state.names.get(p).cloned() else {
+                    unreachable!()
+                };
+                fs.removexattr(self.inos[&fid], &xattr_name(*n))
+                    .unwrap_or_else(|e| fail("removexattr", e));
+                self.state.files.get_mut(&fid).unwrap().xattrs.remove(n);
+            }
             Op::Fsync(p, datasync) => {
                 let Some(Node::File(fid)) = self.state.names.get(p).cloned() else {
                     unreachable!()
@@ -811,6 +861,7 @@ enum Seen {
         ino: u64,
         size: u64,
         words: BTreeMap<u64, u64>,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     },
     Dir,
     Symlink(Vec<u8>),
@@ -819,7 +870,9 @@ enum Seen {
 impl std::fmt::Debug for Seen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Seen::File { ino, size, words } => {
+            Seen::File {
+                ino, size, words, ..
+            } => {
                 write!(f, "file {ino} of {size} bytes, {} data words", words.len())
             }
             Seen::Dir => write!(f, "directory"),
@@ -904,10 +957,21 @@ fn walk(fs: &Fs, dir: u64, prefix: &str, out: &mut BTreeMap<String, Seen>) -> Re
                     }
                     off = hole;
                 }
+                let mut xattrs = BTreeMap::new();
+                let names = fs
+                    .listxattr(attr.ino)
+                    .map_err(|e| format!("listxattr {path}: {e}"))?;
+                for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                    let value = fs
+                        .getxattr(attr.ino, name)
+                        .map_err(|e| format!("getxattr {path}: {e}"))?;
+                    xattrs.insert(name.to_vec(), value);
+                }
                 Seen::File {
                     ino: attr.ino,
                     size: attr.size,
                     words,
+                    xattrs,
                 }
             }
             other => return Err(format!("{path}: unexpected kind {other:?}")),
@@ -939,13 +1003,40 @@ fn compare(
         match (want, &seen[path]) {
             (Node::Dir, Seen::Dir) => {}
             (Node::Symlink(t), Seen::Symlink(got)) if t == got => {}
-            (Node::File(fid), Seen::File { ino, size, words }) => {
+            (
+                Node::File(fid),
+                Seen::File {
+                    ino,
+                    size,
+                    words,
+                    xattrs,
+                },
+            ) => {
                 if *ino_of.entry(*fid).or_insert(*ino) != *ino {
                     return Err(format!(
                         "{path}: hard links to one file are different inodes"
                     ));
                 }
                 let model = &state.files[fid];
+                // Attributes are metadata: exactly those of the state.
+                let want: BTreeMap<Vec<u8>, Vec<u8>> = model
+                    .xattrs
+                    .iter()
+                    .map(|(&n, &(at, len))| (xattr_name(n), xattr_value(*fid, n, at, len)))
+                    .collect();
+                if *xattrs != want {
+                    let lens = |m: &BTreeMap<Vec<u8>, Vec<u8>>| -> Vec<(String, usize)> {
+                        m.iter()
+                            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.len()))
+                            .collect()
+                    };
+                    return Err(format!(
+                        "{path}: attributes {:?}, state after operation {} has {:?}",
+                        lens(xattrs),
+                        state.op,
+                        lens(&want)
+                    ));
+                }
                 if *size != model.size {
                     return Err(format!(
                         "{path}: size {size}, state after operation {} has {}",
