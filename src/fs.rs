@@ -34,6 +34,19 @@ pub struct Ctx {
     pub umask: u32,
 }
 
+/// When reading a file or listing a directory updates its access time (the mount's atime
+/// options, as the kernel applies them to other filesystems).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Atime {
+    /// Only when atime is not newer than mtime or ctime, or is a day old (`relatime`).
+    #[default]
+    Relative,
+    /// On every access (`strictatime`).
+    Strict,
+    /// Never (`noatime`).
+    Never,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     File,
@@ -159,6 +172,9 @@ const READDIR_BATCH: usize = 256;
 /// blocks, tree paths, and the space map at its commit.
 const OP_BLOCKS: u64 = 96;
 
+/// `relatime` updates an atime at least this old even when it is newer than mtime and ctime.
+const RELATIME_MAX_AGE_SECS: i64 = 24 * 3600;
+
 /// Blocks a write of `len` bytes may allocate: data, tree nodes, copies.
 fn write_blocks(len: u64) -> u64 {
     let data = len.div_ceil(BLOCK_SIZE) + 2;
@@ -173,6 +189,9 @@ pub struct Fs {
     /// POSIX ACLs are on (the kernel enforces them): `system.posix_acl_*` attributes are kept,
     /// and chmod and new files follow them (see `crate::acl`).
     acls: bool,
+    /// When accesses update atime; `diratime`: directories too.
+    atime: Atime,
+    diratime: bool,
     /// Serialises renames, so the ancestor walk that prevents directory loops stays valid.
     rename_lock: Mutex<()>,
     /// Open directory streams (`opendir` handles): where the directory's entries ended when
@@ -278,6 +297,8 @@ impl Fs {
             engine,
             kernel_owns_write_times: false,
             acls: false,
+            atime: Atime::Relative,
+            diratime: true,
             rename_lock: Mutex::new(()),
             dir_streams: Mutex::default(),
         }
@@ -291,6 +312,58 @@ impl Fs {
     /// See `kernel_owns_write_times` (set when the writeback cache is on).
     pub fn set_kernel_owns_write_times(&mut self, on: bool) {
         self.kernel_owns_write_times = on;
+    }
+
+    /// See `atime`.
+    pub fn set_atime(&mut self, atime: Atime, diratime: bool) {
+        self.atime = atime;
+        self.diratime = diratime;
+    }
+
+    /// Whether accesses update atime at all.
+    pub fn tracks_atime(&self) -> bool {
+        self.atime != Atime::Never && self.engine.writable()
+    }
+
+    /// Records an access to `ino` (a read, an open for reading, a directory listing) in its
+    /// atime as the mount's policy says; returns whether atime changed. Cheap when nothing is
+    /// due: one look at the inode under its read lock.
+    pub fn note_access(&self, ino: u64) -> Result<bool> {
+        if !self.tracks_atime() {
+            return Ok(false);
+        }
+        let now = now_time();
+        let due = |rec: &Inode| {
+            let atime = (rec.atime_sec.get(), rec.atime_nsec.get());
+            if rec.is_dir() && !self.diratime || rec.nlink.get() == 0 {
+                return false;
+            }
+            match self.atime {
+                Atime::Never => false,
+                Atime::Strict => atime != (now.sec, now.nsec),
+                Atime::Relative => {
+                    atime <= (rec.mtime_sec.get(), rec.mtime_nsec.get())
+                        || atime <= (rec.ctime_sec.get(), rec.ctime_nsec.get())
+                        || now.sec.saturating_sub(atime.0) >= RELATIME_MAX_AGE_SECS
+                }
+            }
+        };
+        {
+            let _g = self.engine.lock_read(ino);
+            if !due(&self.engine.read_inode(ino)?) {
+                return Ok(false);
+            }
+        }
+        let tx = self.engine.begin(OP_BLOCKS)?;
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        if !due(&rec) {
+            return Ok(false);
+        }
+        rec.atime_sec = now.sec.into();
+        rec.atime_nsec = now.nsec.into();
+        self.engine.write_inode(&tx, ino, &mut rec)?;
+        Ok(true)
     }
 
     /// See `acls` (set when the kernel enforces POSIX ACLs for this mount).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use crate::engine::{Engine, OpenMode};
-use crate::fs::Fs;
+use crate::fs::{Atime, Fs};
 use crate::fuse::FuseAdapter;
 use options::{Access, Settings};
 
@@ -222,7 +222,7 @@ fn kernel_mount_options(s: &Settings, source: String) -> Vec<fuser::MountOption>
         if s.suid { M::Suid } else { M::NoSuid },
         if s.dev { M::Dev } else { M::NoDev },
     ];
-    if s.noatime {
+    if s.kernel.atime == Atime::Never {
         v.push(M::NoAtime);
     }
     if s.sync {
@@ -441,7 +441,7 @@ fn mount_with_fusermount(
     }
     for (on, name) in [
         (!s.exec, "noexec"),
-        (s.noatime, "noatime"),
+        (s.kernel.atime == Atime::Never, "noatime"),
         (s.sync, "sync"),
         (s.dirsync, "dirsync"),
         (s.auto_unmount, "auto_unmount"),

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::fs::Atime;
 use crate::fuse::{KernelOptions, MAX_WRITE, Ownership};
 
 /// Backing-device settings the `-o` options may set (files in /sys/class/bdi/DEV/): readahead
@@ -19,7 +20,7 @@ const DEFAULT_BDI: [(&str, &str); 2] = [("max_ratio", "40"), ("strict_limit", "0
 
 /// Options that fstab lines and mount(8) carry and that mean nothing to this filesystem (mount(8)
 /// acts on most of them itself): accepted and ignored, as other FUSE filesystems do.
-const IGNORED: [&str; 20] = [
+const IGNORED: [&str; 16] = [
     "defaults",
     "auto",
     "noauto",
@@ -31,10 +32,6 @@ const IGNORED: [&str; 20] = [
     "owner",
     "group",
     "async",
-    "relatime",
-    "norelatime",
-    "nodiratime",
-    "diratime",
     "lazytime",
     "nolazytime",
     "iversion",
@@ -49,8 +46,13 @@ const IGNORED_PREFIXES: [&str; 2] = ["x-", "comment="];
 pub const HELP: &str = "\
 Mount options (-o, comma separated; a later one overrides an earlier one):
   ro, rw              read-only (nothing is written to the image), or not [rw]
-  exec, noexec, suid, nosuid, dev, nodev, atime, noatime, sync, dirsync
+  exec, noexec, suid, nosuid, dev, nodev, sync, dirsync
                       the kernel's generic flags [nosuid,nodev unless asked]
+  relatime, strictatime, noatime, nodiratime
+                      when reads update access times: only when older than
+                      the last change or a day old, always, never, never
+                      for directories [relatime; atime = relatime,
+                      norelatime = strictatime]
   allow_other         every user may use the mount [the default as root; a
                       normal user needs user_allow_other in /etc/fuse.conf]
   noallow_other       only the user who mounted may use it
@@ -69,7 +71,7 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
                       backing-device settings [max_ratio=40,strict_limit=0]
   fsname=NAME         the source /proc/mounts shows [the image's path]
   defaults, auto, noauto, nofail, _netdev, user, users, owner, group, async,
-  relatime, nodiratime, lazytime, nonempty, x-*, comment=*
+  lazytime, nonempty, x-*, comment=*
                       accepted for /etc/fstab, and ignored
 
 Unmount with `umount MOUNTPOINT`, or `fusermount3 -u MOUNTPOINT` as a normal
@@ -96,7 +98,6 @@ pub struct Settings {
     pub exec: bool,
     pub suid: bool,
     pub dev: bool,
-    pub noatime: bool,
     pub sync: bool,
     pub dirsync: bool,
     /// `None`: the default (everyone as root, the owner otherwise).
@@ -114,6 +115,8 @@ impl Default for Settings {
             kernel: KernelOptions {
                 writeback_cache: false,
                 acl: true,
+                atime: Atime::Relative,
+                diratime: true,
                 readdirplus: true,
                 max_write: MAX_WRITE,
                 ownership: Ownership::default(),
@@ -130,7 +133,6 @@ impl Default for Settings {
             exec: true,
             suid: false,
             dev: false,
-            noatime: false,
             sync: false,
             dirsync: false,
             access: None,
@@ -167,8 +169,11 @@ impl Settings {
             "nosuid" => flag(&mut self.suid, false),
             "dev" => flag(&mut self.dev, true),
             "nodev" => flag(&mut self.dev, false),
-            "atime" | "strictatime" => flag(&mut self.noatime, false),
-            "noatime" => flag(&mut self.noatime, true),
+            "atime" | "relatime" => self.set_atime(Atime::Relative),
+            "strictatime" | "norelatime" => self.set_atime(Atime::Strict),
+            "noatime" => self.set_atime(Atime::Never),
+            "diratime" => flag(&mut self.kernel.diratime, true),
+            "nodiratime" => flag(&mut self.kernel.diratime, false),
             "sync" => flag(&mut self.sync, true),
             "dirsync" => flag(&mut self.dirsync, true),
             "allow_other" => self.set_access(Access::Everyone),
@@ -199,6 +204,11 @@ impl Settings {
             }
             _ => self.apply_valued(o),
         }
+    }
+
+    fn set_atime(&mut self, a: Atime) -> Result<(), String> {
+        self.kernel.atime = a;
+        Ok(())
     }
 
     fn set_access(&mut self, a: Access) -> Result<(), String> {

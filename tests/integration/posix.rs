@@ -1249,9 +1249,14 @@ fn setid_bits_and_capabilities_drop_like_tmpfs() {
 
 /// Runs `f` on a fresh tmpfs (the reference) and returns its result.
 fn on_tmpfs<T>(f: impl FnOnce(&Path) -> T) -> T {
+    on_tmpfs_with("size=8m", f)
+}
+
+/// `on_tmpfs` with mount options.
+fn on_tmpfs_with<T>(options: &str, f: impl FnOnce(&Path) -> T) -> T {
     let dir = tempfile::tempdir().unwrap();
     let out = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
         .arg(dir.path()));
     assert!(out.status.success(), "mount tmpfs: {}", describe(&out));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(dir.path())));
@@ -1326,6 +1331,92 @@ fn acls_as_on_tmpfs() {
     );
     m2.unmount();
     m.finish();
+}
+
+/// Sets only the atime of `p` (mtime untouched).
+fn set_atime(p: &Path, sec: i64) {
+    let times = [
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: valid path and two timespecs.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(r, 0, "utimensat: {}", std::io::Error::last_os_error());
+}
+
+/// Which accesses changed atime, in a fixed sequence: reads of a cached file (a day old atime,
+/// again at once, after a write), a write-only open, listings of a directory.
+fn atime_changes(root: &Path) -> Vec<(&'static str, bool)> {
+    let atime = |p: &Path| {
+        let st = lstat(p);
+        (st.st_atime, st.st_atime_nsec)
+    };
+    let tick = || std::thread::sleep(Duration::from_millis(30));
+    let f = root.join("f");
+    let d = root.join("d");
+    fs::write(&f, pattern(1, 0, 8192)).unwrap();
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("x"), b"x").unwrap();
+    let two_days_ago = lstat(&f).st_mtime - 2 * 86400;
+    let mut out = Vec::new();
+    let mut step = |what: &'static str, p: &Path, act: &dyn Fn()| {
+        tick();
+        let before = atime(p);
+        act();
+        out.push((what, atime(p) != before));
+    };
+    set_atime(&f, two_days_ago);
+    step("read, atime two days old", &f, &|| {
+        drop(fs::read(&f).unwrap())
+    });
+    step("read again", &f, &|| drop(fs::read(&f).unwrap()));
+    fs::write(&f, pattern(2, 0, 8192)).unwrap();
+    step("read after a write", &f, &|| drop(fs::read(&f).unwrap()));
+    step("write-only open", &f, &|| {
+        drop(OpenOptions::new().write(true).open(&f).unwrap())
+    });
+    set_atime(&d, two_days_ago);
+    step("list, atime two days old", &d, &|| {
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1)
+    });
+    step("list again", &d, &|| {
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1)
+    });
+    out
+}
+
+/// atime under relatime (the default), strictatime and noatime, compared with tmpfs under the
+/// same option; atime survives a remount.
+#[test]
+fn atime_follows_the_mount_option_as_on_tmpfs() {
+    for option in ["relatime", "strictatime", "noatime"] {
+        let want = on_tmpfs_with(&format!("size=8m,{option}"), atime_changes);
+        let changed: Vec<bool> = want.iter().map(|w| w.1).collect();
+        let expected = match option {
+            "relatime" => [true, false, true, false, true, false],
+            "strictatime" => [true, true, true, false, true, true],
+            _ => [false; 6],
+        };
+        assert_eq!(changed, expected, "tmpfs -o {option}: {want:?}");
+        let options: &[&str] = if option == "relatime" { &[] } else { &[option] };
+        let mut m = Mount::with(&["--size", "16M"], options);
+        assert_eq!(atime_changes(m.path()), want, "-o {option}");
+        let st = lstat(&m.p("f"));
+        m.remount();
+        let again = lstat(&m.p("f"));
+        assert_eq!(
+            (again.st_atime, again.st_atime_nsec),
+            (st.st_atime, st.st_atime_nsec),
+            "-o {option}: atime after remount"
+        );
+        m.finish();
+    }
 }
 
 /// RENAME_WHITEOUT (overlayfs on an upper directory here): the file moves and a 0/0 character
