@@ -92,6 +92,13 @@ enum Verb {
         #[arg(long)]
         prometheus: bool,
     },
+    /// Check a mounted filesystem without unmounting it: the checks of `fsck` (checksums,
+    /// trees, reachability, space map), read-only, run by its daemon. Operations wait while it
+    /// runs. Exit status 1 when it finds damage (then unmount and run `fsck --repair`).
+    Scrub {
+        /// Where the filesystem is mounted.
+        mountpoint: PathBuf,
+    },
     /// Print a shell completion script (install: scripts/install.sh).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -254,6 +261,7 @@ pub fn run(cli: Cli) -> ExitCode {
             mountpoint,
             prometheus,
         } => stats(&mountpoint, prometheus),
+        Verb::Scrub { mountpoint } => scrub(&mountpoint),
         Verb::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "mmapfs", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -416,6 +424,41 @@ fn info(image: &Path) -> ExitCode {
         println!("orphans:      {} (freed at the next mount)", rec.orphans);
     }
     ExitCode::SUCCESS
+}
+
+fn scrub(mountpoint: &Path) -> ExitCode {
+    let text = mount::device_of(mountpoint).and_then(|dev| crate::scrub::request(&dev));
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(format!(
+                "{}: cannot reach the daemon ({e}); is it an mmapfs mount point?",
+                mountpoint.display()
+            ));
+        }
+    };
+    let last = text.lines().last().unwrap_or("");
+    if last == crate::scrub::CLEAN {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    if last == crate::scrub::DAMAGED {
+        print!("{text}");
+        let problems = text.lines().filter(|l| l.starts_with("problem:")).count();
+        eprintln!(
+            "mmapfs: {}: {problems} problem(s) found; unmount it and run `mmapfs fsck --repair` on \
+             its image",
+            mountpoint.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    // "refused: ..." or "error: ...", or nothing when the daemon went away.
+    let why = if last.is_empty() {
+        "the daemon closed the connection"
+    } else {
+        last
+    };
+    fail(format!("{}: scrub {why}", mountpoint.display()))
 }
 
 fn stats(mountpoint: &Path, prometheus: bool) -> ExitCode {

@@ -12,6 +12,7 @@
 
 pub mod acl;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod format;
@@ -21,6 +22,7 @@ pub mod fuse;
 pub mod image;
 pub mod logging;
 pub mod mount;
+pub mod scrub;
 pub mod stats;
 #[allow(unsafe_code)]
 pub mod sys;

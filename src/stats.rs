@@ -5,8 +5,6 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -249,15 +247,9 @@ pub struct AtMount {
     pub image_bytes: u64,
 }
 
-/// The abstract socket name for the mount with device `dev` (`MAJOR:MINOR`).
-fn socket_name(dev: &str) -> String {
-    format!("mmapfs-stats/{dev}")
-}
-
-/// Serves `stats` to every connection on the mount's socket, from a thread of its own. The
-/// engine is held weakly: the server never keeps an unmounted filesystem alive.
+/// Serves `stats` to every connection on the mount's control socket. The engine is held
+/// weakly: the server never keeps an unmounted filesystem alive.
 pub fn serve(dev: &str, stats: Arc<Stats>, engine: Weak<Engine>) -> std::io::Result<()> {
-    let addr = SocketAddr::from_abstract_name(socket_name(dev))?;
     let at_mount = match engine.upgrade() {
         Some(e) => AtMount {
             txn: e.durable_txn(),
@@ -265,40 +257,20 @@ pub fn serve(dev: &str, stats: Arc<Stats>, engine: Weak<Engine>) -> std::io::Res
         },
         None => return Ok(()),
     };
-    std::thread::Builder::new()
-        .name("mmapfs-stats".into())
-        .spawn(move || {
-            // The daemon of an earlier mount with the same device number may still hold the
-            // name for a moment while it finishes (umount returns before it exits).
-            let mut tries = 0;
-            let listener = loop {
-                match UnixListener::bind_addr(&addr) {
-                    Ok(l) => break l,
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => {
-                        log::warn!("live statistics unavailable: {e}");
-                        return;
-                    }
-                }
-            };
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let Some(e) = engine.upgrade() else { return };
-                let text = stats.render(&e, &at_mount);
-                drop(e);
-                let _ = conn.write_all(text.as_bytes());
-            }
-        })?;
-    Ok(())
+    crate::control::listen("stats", dev, move |mut conn| {
+        let Some(e) = engine.upgrade() else {
+            return false;
+        };
+        let text = stats.render(&e, &at_mount);
+        drop(e);
+        let _ = conn.write_all(text.as_bytes());
+        true
+    })
 }
 
 /// Reads the live numbers of the mount with device `dev` (the Prometheus text).
 pub fn fetch(dev: &str) -> std::io::Result<String> {
-    let addr = SocketAddr::from_abstract_name(socket_name(dev))?;
-    let mut conn = UnixStream::connect_addr(&addr)?;
+    let mut conn = crate::control::connect("stats", dev)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;

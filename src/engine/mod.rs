@@ -162,6 +162,13 @@ impl Engine {
         Error::Corrupt(what.into())
     }
 
+    /// Records damage found by a check of the live image: the next commit marks the image for
+    /// `fsck --repair`.
+    pub fn mark_damaged(&self) {
+        self.errors.store(true, Ordering::Relaxed);
+        *self.misc_dirty.lock() = true;
+    }
+
     /// Whether damage was seen since open.
     pub fn has_errors(&self) -> bool {
         self.errors.load(Ordering::Relaxed)

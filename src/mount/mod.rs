@@ -337,11 +337,14 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, settings: Set
     notifier_slot.set(session.notifier()).ok();
     match mount_device(&mp) {
         Some(dev) => {
+            if let Err(e) = crate::scrub::serve(&dev, stats_engine.clone()) {
+                log::warn!("online scrub unavailable: {e}");
+            }
             if let Err(e) = crate::stats::serve(&dev, stats, stats_engine) {
                 log::warn!("live statistics unavailable: {e}");
             }
         }
-        None => log::warn!("live statistics unavailable: mount not found"),
+        None => log::warn!("live statistics and scrub unavailable: mount not found"),
     }
     if let Err(e) = tune_bdi(&mp, &settings.bdi) {
         if root {

@@ -822,3 +822,84 @@ fn sizes_the_contents_contradict_are_repaired() {
     assert_eq!(&data[..5000], &vec![7u8; 5000][..]);
     m.finish();
 }
+
+/// `mmapfs scrub` checks a live mount: clean while another process keeps changing it (the
+/// check sees one consistent state), and it finds damage that reaches the image under the
+/// daemon (bit rot in an inode record), marks the image for fsck, and `fsck --repair` fixes
+/// it. Only root or the mount's owner may start one.
+#[test]
+fn scrub_checks_a_live_mount() {
+    let mut m = Mount::new();
+    let scrub = |m: &Mount| run(std::process::Command::new(BIN).arg("scrub").arg(m.path()));
+    fs::create_dir(m.p("busy")).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (Arc::clone(&stop), m.p("busy"));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = dir.join(format!("f{}", i % 50));
+                fs::write(&p, pattern(i, 0, 5000 + (i as usize % 9000))).unwrap();
+                let _ = fs::rename(&p, dir.join(format!("g{}", i % 30)));
+                i += 1;
+            }
+            i
+        })
+    };
+    for _ in 0..5 {
+        let out = scrub(&m);
+        assert!(out.status.success(), "scrub under load: {}", describe(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).ends_with("clean\n"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0);
+
+    let out = as_nobody_cmd(&[BIN, "scrub", m.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not scrub this mount"),
+        "{}",
+        describe(&out)
+    );
+
+    // Bit rot under the live daemon: a byte of a committed inode record flips.
+    fs::write(m.p("victim"), b"soon damaged").unwrap();
+    let ino = fs::metadata(m.p("victim")).unwrap().ino();
+    File::open(m.p("victim")).unwrap().sync_all().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let bytes = fs::read(m.image()).unwrap();
+    let at = inode_offset(&bytes, ino) + MTIME_SEC;
+    let img = OpenOptions::new().write(true).open(m.image()).unwrap();
+    img.write_all_at(&[bytes[at] ^ 0x40], at as u64).unwrap();
+    drop(img);
+    let out = scrub(&m);
+    assert!(
+        !out.status.success(),
+        "scrub missed the damage: {}",
+        describe(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("problem:") && text.ends_with("damaged\n"),
+        "{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fsck --repair"),
+        "{}",
+        describe(&out)
+    );
+    m.unmount();
+    assert!(info(m.image()).contains("fsck"), "{}", info(m.image()));
+    fsck_repair(m.image());
+    fsck(m.image());
+    m.mount();
+    assert!(fs::read_dir(m.p("busy")).unwrap().count() > 0);
+    m.finish();
+}
+
+/// Runs a command as user nobody.
+fn as_nobody_cmd(args: &[&str]) -> std::process::Output {
+    run(std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(args))
+}
