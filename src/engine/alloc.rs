@@ -229,6 +229,13 @@ impl Engine {
         }
     }
 
+    /// Whether group `g`'s committed bitmap fails its checksum (or kind): such a group is
+    /// neither allocated from nor written until fsck rebuilds it, since its bits cannot be
+    /// trusted (a used block shown free would be handed out and overwritten).
+    pub(super) fn bitmap_damaged(&self, tree: u64, g: u64) -> bool {
+        matches!(self.bitmap_of(tree, g), Err(Error::Corrupt(_)))
+    }
+
     /// Whether the committed bitmap marks `block` used.
     pub(super) fn bit_set(&self, tree: u64, block: u64) -> Result<bool> {
         let (g, byte, mask) = bit_of(block);
@@ -260,9 +267,13 @@ impl Engine {
             return Ok(false);
         }
         let g = block / GROUP_BLOCKS;
-        if self.bitmap_of(sp.tree, g)?.is_none() && !sp.new_groups.contains(&g) {
-            return Err(self.corrupt(format!("group {g} has no bitmap")));
-        }
+        match self.bitmap_of(sp.tree, g) {
+            Ok(None) if !sp.new_groups.contains(&g) => {
+                return Err(self.corrupt(format!("group {g} has no bitmap")));
+            }
+            Err(Error::Corrupt(_)) => return Ok(false),
+            r => r?,
+        };
         Ok(!self.bit_set(sp.tree, block)?)
     }
 
@@ -273,10 +284,12 @@ impl Engine {
         while b < to {
             let g = b / GROUP_BLOCKS;
             let group_end = ((g + 1) * GROUP_BLOCKS).min(to);
-            let candidate = match self.bitmap_of(sp.tree, g)? {
-                None if sp.new_groups.contains(&g) => Some(b),
-                None => return Err(self.corrupt(format!("group {g} has no bitmap"))),
-                Some(bm) => {
+            let candidate = match self.bitmap_of(sp.tree, g) {
+                Err(Error::Corrupt(_)) => None,
+                Err(e) => return Err(e),
+                Ok(None) if sp.new_groups.contains(&g) => Some(b),
+                Ok(None) => return Err(self.corrupt(format!("group {g} has no bitmap"))),
+                Ok(Some(bm)) => {
                     let bytes = self.img.bytes(block_off(bm), PAYLOAD_SIZE as usize)?;
                     first_zero_bit(bytes, b % GROUP_BLOCKS, group_end - g * GROUP_BLOCKS)
                         .map(|i| g * GROUP_BLOCKS + i)
@@ -373,10 +386,14 @@ impl Engine {
             .ok_or_else(|| self.corrupt(format!("freed blocks {start}+{len} out of range")))?;
         for b in start..end {
             let pending = sp.allocated.covering(b).is_some();
-            if sp.frozen.covering(b).is_some()
-                || sp.freed.covering(b).is_some()
-                || (!pending && !self.bit_set(sp.tree, b)?)
-            {
+            // A damaged bitmap cannot say; the commit then leaves the block marked used.
+            let committed_free = !pending
+                && match self.bit_set(sp.tree, b) {
+                    Ok(set) => !set,
+                    Err(Error::Corrupt(_)) => false,
+                    Err(e) => return Err(e),
+                };
+            if sp.frozen.covering(b).is_some() || sp.freed.covering(b).is_some() || committed_free {
                 return Err(self.corrupt(format!("block {b} freed twice")));
             }
         }
@@ -459,6 +476,38 @@ impl Engine {
         sp.dirty = true;
     }
 
+    /// Whether the running state's bitmap of group `g` is damaged (see `bitmap_damaged`).
+    pub(super) fn group_damaged(&self, g: u64) -> bool {
+        let tree = self.space.lock().tree;
+        self.bitmap_damaged(tree, g)
+    }
+
+    /// Repair: rewrites the damaged bitmap of group `g` in place so that exactly `used` (block
+    /// ranges within the group) are marked, and reseals it. In place, not copied: a copy would
+    /// have to be allocated and its old version freed through the very bitmaps being repaired.
+    /// A crash in the middle leaves the block damaged again, for the next fsck.
+    pub(super) fn rewrite_bitmap(&self, g: u64, used: &[(u64, u64)]) -> Result<()> {
+        let tree = self.space.lock().tree;
+        let bm = self
+            .tree_lookup(tree, g)?
+            .ok_or_else(|| self.corrupt(format!("group {g} has no bitmap")))?;
+        self.check_block(bm, "bitmap")?;
+        let mut payload = vec![0u8; PAYLOAD_SIZE as usize];
+        for &(s, l) in used {
+            for b in s..s + l {
+                let (bg, byte, mask) = bit_of(b);
+                if bg == g {
+                    payload[byte] |= mask;
+                }
+            }
+        }
+        self.img.write(block_off(bm), &payload)?;
+        let birth = self.trailer(bm)?.birth.get().min(self.txm.durable());
+        self.rewrite_trailer(bm, birth, BlockKind::Bitmap)?;
+        self.seal_block(bm)?;
+        Ok(())
+    }
+
     /// Repair: corrects the free-block count by `delta`.
     pub(super) fn adjust_free_blocks(&self, delta: i64) {
         let mut sp = self.space.lock();
@@ -490,6 +539,7 @@ impl Engine {
         // Each round makes the bitmaps of all touched groups writable; copies made in a round
         // may touch new groups (bounded: each group is copied once).
         for _round in 0..64 {
+            self.leak_into_damaged_groups(sp);
             let groups: BTreeSet<u64> = sp
                 .allocated
                 .iter()
@@ -527,6 +577,24 @@ impl Engine {
             }
         }
         Err(self.corrupt("space map copy does not converge"))
+    }
+
+    /// Blocks freed into a group whose bitmap is damaged stay marked used (leaked until fsck):
+    /// writing bits into a bitmap that cannot be trusted would spread the damage. (The copies
+    /// a commit makes free blocks too, so this runs in every round.)
+    fn leak_into_damaged_groups(&self, sp: &mut Space) {
+        let damaged: Vec<(u64, u64)> = sp
+            .freed
+            .iter()
+            .filter(|(s, l)| {
+                (s / GROUP_BLOCKS..=(s + l - 1) / GROUP_BLOCKS)
+                    .any(|g| self.bitmap_damaged(sp.tree, g))
+            })
+            .collect();
+        for (s, l) in damaged {
+            log::error!("blocks {s}+{l} stay allocated: the bitmap of their group is damaged");
+            sp.freed.remove(s, l);
+        }
     }
 
     fn apply_bits(&self, sp: &mut Space) -> Result<()> {

@@ -76,6 +76,8 @@ enum Fix {
     /// A file tree with a damaged node: every node copied (resealed).
     RewriteTree(u64),
     RebuildFreeList,
+    /// A bitmap that fails its checksum: rewritten from the owned blocks of its group.
+    RebuildBitmap(u64, Vec<(u64, u64)>),
     /// Bitmap corrections: owned blocks marked free, free blocks marked used.
     MarkUsed(Vec<(u64, u64)>),
     MarkFree(Vec<(u64, u64)>),
@@ -172,6 +174,9 @@ impl Walk<'_> {
             Fix::RewriteLeaf(leaf) => format!("resealed inode-table block {leaf}"),
             Fix::RewriteTree(ino) => format!("resealed the block tree of {}", self.who(*ino)),
             Fix::RebuildFreeList => "rebuilt the free inode list".to_string(),
+            Fix::RebuildBitmap(g, _) => {
+                format!("rewrote the damaged bitmap of group {g} from the blocks in use")
+            }
             Fix::MarkUsed(r) if r.is_empty() => return None,
             Fix::MarkUsed(r) => format!("marked {} owned blocks used in the bitmaps", blocks(r)),
             Fix::MarkFree(r) if r.is_empty() => return None,
@@ -714,15 +719,30 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         Some((s, l)) if *s + *l == b => *l += 1,
         _ => v.push((b, 1)),
     };
-    for b in 0..total {
-        let owned = w.is_owned(b);
-        used_blocks += u64::from(owned);
-        let bit = e.in_use_now(b)?;
-        if bit != owned {
-            if owned {
-                push(&mut mark_used, b);
-            } else {
-                push(&mut mark_free, b);
+    for g in 0..total.div_ceil(GROUP_BLOCKS) {
+        let (first, end) = (g * GROUP_BLOCKS, ((g + 1) * GROUP_BLOCKS).min(total));
+        if e.group_damaged(g) {
+            // Its bits cannot be compared: it is rewritten from ownership.
+            let mut owned = Vec::new();
+            for b in first..end {
+                if w.is_owned(b) {
+                    used_blocks += 1;
+                    push(&mut owned, b);
+                }
+            }
+            w.fixes.insert(0, Fix::RebuildBitmap(g, owned));
+            continue;
+        }
+        for b in first..end {
+            let owned = w.is_owned(b);
+            used_blocks += u64::from(owned);
+            let bit = e.in_use_now(b)?;
+            if bit != owned {
+                if owned {
+                    push(&mut mark_used, b);
+                } else {
+                    push(&mut mark_free, b);
+                }
             }
         }
     }
@@ -897,6 +917,7 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
                 e.adjust_free_blocks(free_blocks);
                 e.adjust_used_inodes(used_inodes);
             }
+            Fix::RebuildBitmap(g, used) => e.rewrite_bitmap(g, &used)?,
             Fix::MarkUsed(ranges) => {
                 for (s, l) in ranges {
                     e.mark_used(s, l);

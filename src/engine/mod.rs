@@ -38,7 +38,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::image::{Image, VolatileTable};
+use crate::image::{Image, VolatileTable, VolatileWords};
 
 pub use data::DataRun;
 pub use dir::DirEntry;
@@ -72,6 +72,10 @@ pub struct Engine {
     txm: txn::TxnManager,
     stripes: Box<[RwLock<()>]>,
     vol: VolatileTable,
+    /// One bit per block: a metadata block verified against its trailer checksum since open,
+    /// or written by this process (its checksum is sealed at commit). Every other block is
+    /// verified before its first use (see `Engine::expect_kind`).
+    trusted: VolatileWords,
     dirty_data: Mutex<data::DirtyData>,
     /// Damage was found while mounted: the final commit marks the image for fsck.
     errors: AtomicBool,

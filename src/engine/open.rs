@@ -21,7 +21,7 @@ use super::txn::TxnManager;
 use super::{Engine, LOCK_STRIPES, block_off, now, set_all_times_now};
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::image::{self, Image, VolatileTable};
+use crate::image::{self, Image, VolatileTable, VolatileWords};
 
 /// Why an image could not be opened: each variant is one clear line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -488,6 +488,8 @@ impl Engine {
             log::warn!("{p}: file length {from} did not match the image ({to}); adjusted");
         }
         let vol = VolatileTable::new().map_err(io_err)?;
+        // One bit per block of the largest image: 2^32 bits.
+        let trusted = VolatileWords::new(27).map_err(io_err)?;
         let next_txn = choice.max_txn + 1;
         let engine = Engine {
             hash_seed: sb.hash_seed.get(),
@@ -502,6 +504,7 @@ impl Engine {
             img,
             stripes: (0..LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
             vol,
+            trusted,
             dirty_data: Mutex::new(Default::default()),
             errors: AtomicBool::new(false),
             recovery: Recovery {

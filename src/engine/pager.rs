@@ -4,6 +4,8 @@
 //! trailer's `birth`); any other transaction first copies it to a fresh block ([`Engine::cow`])
 //! and frees the old one, and the caller points the parent at the copy.
 
+use std::sync::atomic::Ordering;
+
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::{Engine, block_off};
@@ -35,7 +37,8 @@ impl Engine {
         Trailer::read_from_bytes(bytes).map_err(|_| self.corrupt("trailer size"))
     }
 
-    /// The trailer of `block`, which must hold `kind` (and be at `level`, for tree nodes).
+    /// The trailer of `block`, which must hold `kind` (and be at `level`, for tree nodes), and
+    /// whose checksum is verified on first use since open (kinds without checksums inside).
     pub(super) fn expect_kind(
         &self,
         block: u64,
@@ -51,7 +54,36 @@ impl Engine {
                 t.level
             )));
         }
+        // Kinds whose contents carry no checksums of their own are verified before their first
+        // use. Inode records, directory records and attribute streams have their own, so one
+        // damaged record costs only that record, not its 14 neighbours in the block.
+        let inner = matches!(
+            kind,
+            BlockKind::InodeTable | BlockKind::DirEntries | BlockKind::Xattr | BlockKind::XattrData
+        );
+        if !inner && !self.trusted(block) {
+            let bytes = self.img.bytes(block_off(block), BLOCK_SIZE as usize)?;
+            if block_checksum(bytes) != t.checksum.get() {
+                return Err(self.corrupt(format!("block {block} ({kind:?}): checksum mismatch")));
+            }
+            self.trust(block);
+        }
         Ok(t)
+    }
+
+    /// Whether `block` was verified since open or written by this process.
+    fn trusted(&self, block: u64) -> bool {
+        self.trusted
+            .get(block / 32)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (block % 32)) != 0)
+    }
+
+    /// Marks `block` as verified or written here (a block past the table is verified on every
+    /// use instead).
+    fn trust(&self, block: u64) {
+        if let Some(w) = self.trusted.get(block / 32) {
+            w.fetch_or(1 << (block % 32), Ordering::Relaxed);
+        }
     }
 
     /// Writes an empty metadata block: zero payload, trailer born in `txn`.
@@ -67,6 +99,7 @@ impl Engine {
     }
 
     fn write_trailer(&self, block: u64, txn: u64, kind: BlockKind, level: u32) -> Result<()> {
+        self.trust(block);
         let t = Trailer {
             birth: txn.into(),
             kind: kind as u8,
@@ -77,6 +110,11 @@ impl Engine {
         self.img
             .write(block_off(block) + TRAILER_OFFSET as u64, t.as_bytes())?;
         Ok(())
+    }
+
+    /// Repair: gives a damaged block a fresh trailer (level 0).
+    pub(super) fn rewrite_trailer(&self, block: u64, birth: u64, kind: BlockKind) -> Result<()> {
+        self.write_trailer(block, birth, kind, 0)
     }
 
     /// Allocates and initialises an empty metadata block.

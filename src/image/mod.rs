@@ -416,30 +416,28 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
-/// Per-inode counters that live only while mounted (the kernel's references, the transactions
-/// that last changed an inode): a zero-filled anonymous mapping indexed by inode number, so the
-/// daemon's memory grows only with the inodes actually touched, never with the image.
-pub struct VolatileTable {
+/// A zero-filled anonymous array of atomic words that lives only while mounted, reserved as
+/// large as the address space allows but backed only where touched: the daemon's memory grows
+/// with the entries actually used, never with the image.
+pub struct VolatileWords {
     base: *mut AtomicU32,
-    entries: u64,
+    words: u64,
     bytes: usize,
 }
 
-/// Counters per entry of a [`VolatileTable`].
-pub const VOLATILE_FIELDS: u64 = 4;
-
-// SAFETY: the table is only accessed through atomics.
-unsafe impl Send for VolatileTable {}
+// SAFETY: the array is only accessed through atomics.
+unsafe impl Send for VolatileWords {}
 // SAFETY: as above.
-unsafe impl Sync for VolatileTable {}
+unsafe impl Sync for VolatileWords {}
 
-impl VolatileTable {
-    /// Reserves room for as many entries as the address space allows, up to 2^32.
-    pub fn new() -> io::Result<VolatileTable> {
-        let mut last_err = io::Error::other("no address range for the inode table");
-        for shift in [32u32, 30, 28, 26, 24] {
-            let entries = 1u64 << shift;
-            let bytes = (entries * VOLATILE_FIELDS * 4) as usize;
+impl VolatileWords {
+    /// Reserves `2^shift` words, or fewer (by factors of 4, down to `2^(shift-8)`) when the
+    /// address space is short.
+    pub fn new(shift: u32) -> io::Result<VolatileWords> {
+        let mut last_err = io::Error::other("no address range for a volatile table");
+        for s in (shift.saturating_sub(8)..=shift).rev().step_by(2) {
+            let words = 1u64 << s;
+            let bytes = (words * 4) as usize;
             // SAFETY: a fresh private anonymous mapping; pages are zero-filled on first touch.
             let ptr = unsafe {
                 libc::mmap(
@@ -455,35 +453,62 @@ impl VolatileTable {
                 last_err = io::Error::last_os_error();
                 continue;
             }
-            return Ok(VolatileTable {
+            return Ok(VolatileWords {
                 base: ptr.cast(),
-                entries,
+                words,
                 bytes,
             });
         }
         Err(last_err)
     }
 
-    /// Number of entries (inode numbers `0..entries` have counters).
-    pub fn entries(&self) -> u64 {
-        self.entries
+    /// Number of words.
+    pub fn words(&self) -> u64 {
+        self.words
     }
 
-    /// The counter `field` of entry `idx`, or `None` past the table.
-    pub fn get(&self, idx: u64, field: u64) -> Option<&AtomicU32> {
-        if idx >= self.entries || field >= VOLATILE_FIELDS {
+    /// Word `idx`, or `None` past the array.
+    pub fn get(&self, idx: u64) -> Option<&AtomicU32> {
+        if idx >= self.words {
             return None;
         }
         // SAFETY: in bounds of the mapping, which lives as long as `self`; AtomicU32 is valid
         // for any bit pattern and the mapping is 4-byte aligned.
-        Some(unsafe { &*self.base.add((idx * VOLATILE_FIELDS + field) as usize) })
+        Some(unsafe { &*self.base.add(idx as usize) })
     }
 }
 
-impl Drop for VolatileTable {
+impl Drop for VolatileWords {
     fn drop(&mut self) {
         // SAFETY: exactly the mapping created in `new`; no borrow outlives `self`.
         unsafe { libc::munmap(self.base.cast(), self.bytes) };
+    }
+}
+
+/// Per-inode counters that live only while mounted (the kernel's references, the transactions
+/// that last changed an inode), indexed by inode number: `VOLATILE_FIELDS` words per inode.
+pub struct VolatileTable(VolatileWords);
+
+/// Counters per entry of a [`VolatileTable`].
+pub const VOLATILE_FIELDS: u64 = 4;
+
+impl VolatileTable {
+    /// Reserves room for as many entries as the address space allows, up to 2^32.
+    pub fn new() -> io::Result<VolatileTable> {
+        VolatileWords::new(34).map(VolatileTable)
+    }
+
+    /// Number of entries (inode numbers `0..entries` have counters).
+    pub fn entries(&self) -> u64 {
+        self.0.words() / VOLATILE_FIELDS
+    }
+
+    /// The counter `field` of entry `idx`, or `None` past the table.
+    pub fn get(&self, idx: u64, field: u64) -> Option<&AtomicU32> {
+        if field >= VOLATILE_FIELDS {
+            return None;
+        }
+        self.0.get(idx.checked_mul(VOLATILE_FIELDS)? + field)
     }
 }
 
