@@ -77,6 +77,10 @@ enum Verb {
         /// Repair what can be repaired (what a mount does after a crash).
         #[arg(long)]
         repair: bool,
+        /// Check a mounted image anyway: its daemon checks the live filesystem read-only, as
+        /// `mmapfs scrub MOUNTPOINT` does (not with --repair).
+        #[arg(long, conflicts_with = "repair")]
+        force: bool,
     },
     /// Show the superblock, capacity, usage and state (also of a mounted image).
     Info {
@@ -254,7 +258,11 @@ pub fn run(cli: Cli) -> ExitCode {
             let threads = threads.unwrap_or_else(crate::workers::default_threads);
             mount::run(&image, &mountpoint, foreground, threads, &options)
         }
-        Verb::Fsck { image, repair } => fsck(&image, repair),
+        Verb::Fsck {
+            image,
+            repair,
+            force,
+        } => fsck(&image, repair, force),
         Verb::Info { image } => info(&image),
         Verb::Upgrade { image, no_backup } => upgrade(&image, !no_backup),
         Verb::Stats {
@@ -273,10 +281,19 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn fsck(image: &Path, repair: bool) -> ExitCode {
+fn fsck(image: &Path, repair: bool, force: bool) -> ExitCode {
     if let Some(holder) = mount::mounted_at(image) {
+        if let (true, Some(mp)) = (force, &holder.mountpoint) {
+            println!(
+                "{}: mounted at {}; its daemon checks the live filesystem",
+                image.display(),
+                mp.display()
+            );
+            return scrub(mp);
+        }
         return fail(format!(
-            "{}: image is {holder}; unmount it first (`mmapfs info` reads a mounted image)",
+            "{}: image is {holder}; unmount it first, or check it live with `mmapfs scrub \
+             MOUNTPOINT` (`fsck --force`)",
             image.display()
         ));
     }

@@ -313,7 +313,16 @@ fn info_fsck_and_second_mount_of_a_mounted_image_answer_at_once() {
     assert!(start.elapsed() < Duration::from_secs(2), "fsck waited");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(&mnt), "{err}");
+    assert!(err.contains(&mnt) && err.contains("mmapfs scrub"), "{err}");
+    // --force: the daemon checks the live filesystem (as `mmapfs scrub`).
+    let out = run(Command::new(BIN).arg("fsck").arg("--force").arg(m.image()));
+    assert!(out.status.success(), "fsck --force: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&mnt) && text.ends_with("clean\n"), "{text}");
+    let out = run(Command::new(BIN)
+        .args(["fsck", "--force", "--repair"])
+        .arg(m.image()));
+    assert!(!out.status.success(), "fsck --force --repair: {}", describe(&out));
 
     let other = tempdir();
     let start = Instant::now();
