@@ -230,6 +230,10 @@ pub const INODES_PER_BLOCK: u64 = 15;
 pub const ROOT_INO: u64 = 1;
 /// Inode flag: the inode is on the orphan list.
 pub const INODE_FLAG_ORPHAN: u32 = 1;
+/// Inode flag set by `chattr +A`: reads do not update atime.
+pub const INODE_FLAG_NOATIME: u32 = 1 << 8;
+/// Inode flag set by `chattr +d`: backup tools (dump) skip the file.
+pub const INODE_FLAG_NODUMP: u32 = 1 << 9;
 
 /// One inode record.
 #[derive(Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

@@ -172,6 +172,14 @@ const READDIR_BATCH: usize = 256;
 /// blocks, tree paths, and the space map at its commit.
 const OP_BLOCKS: u64 = 96;
 
+/// The `FS_*_FL` inode flags (`lsattr`/`chattr`) stored here, and their bits in the record.
+pub const FS_NODUMP_FL: u32 = 0x40;
+pub const FS_NOATIME_FL: u32 = 0x80;
+const USER_FLAGS: &[(u32, u32)] = &[
+    (FS_NODUMP_FL, INODE_FLAG_NODUMP),
+    (FS_NOATIME_FL, INODE_FLAG_NOATIME),
+];
+
 /// `relatime` updates an atime at least this old even when it is newer than mtime and ctime.
 const RELATIME_MAX_AGE_SECS: i64 = 24 * 3600;
 
@@ -335,7 +343,8 @@ impl Fs {
         let now = now_time();
         let due = |rec: &Inode| {
             let atime = (rec.atime_sec.get(), rec.atime_nsec.get());
-            if rec.is_dir() && !self.diratime || rec.nlink.get() == 0 {
+            let pinned = rec.flags.get() & INODE_FLAG_NOATIME != 0;
+            if rec.is_dir() && !self.diratime || rec.nlink.get() == 0 || pinned {
                 return false;
             }
             match self.atime {
@@ -1524,6 +1533,44 @@ impl Fs {
         set_mtime_ctime(&mut dst, now_time());
         self.engine.write_inode(&tx, ino_out, &mut dst)?;
         Ok(len)
+    }
+
+    /// The inode flags `lsattr` shows (`FS_*_FL`), of those stored here: `A` (no atime
+    /// updates) and `d` (no dump).
+    pub fn get_flags(&self, ino: u64) -> Result<u32> {
+        let _g = self.engine.lock_read(ino);
+        let stored = self.engine.read_inode(ino)?.flags.get();
+        Ok(USER_FLAGS
+            .iter()
+            .filter(|(_, bit)| stored & bit != 0)
+            .map(|(fl, _)| fl)
+            .sum())
+    }
+
+    /// `chattr`: sets the inode flags to `flags` (`FS_*_FL`). A flag not stored here
+    /// (immutable, append-only, ...) is `EOPNOTSUPP`, as on filesystems without it.
+    pub fn set_flags(&self, ino: u64, flags: u32) -> Result<()> {
+        let known: u32 = USER_FLAGS.iter().map(|(fl, _)| fl).sum();
+        if flags & !known != 0 {
+            return Err(Error::NotSupported);
+        }
+        let tx = self.engine.begin(OP_BLOCKS)?;
+        let _g = self.engine.lock_write(ino);
+        let mut rec = self.engine.read_inode(ino)?;
+        let mut stored = rec.flags.get();
+        for &(fl, bit) in USER_FLAGS {
+            stored = if flags & fl != 0 {
+                stored | bit
+            } else {
+                stored & !bit
+            };
+        }
+        if stored == rec.flags.get() {
+            return Ok(());
+        }
+        rec.flags = stored.into();
+        set_ctime(&mut rec, now_time());
+        self.engine.write_inode(&tx, ino, &mut rec)
     }
 
     /// Supported namespaces: user, trusted, security, and the POSIX ACLs when they are on.

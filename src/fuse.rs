@@ -16,7 +16,9 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::fs::{Atime, Attr, Changer, Ctx, FileKind, Fs, SetAttr, SetTime, Time};
+use crate::fs::{
+    Atime, Attr, Changer, Ctx, FS_NOATIME_FL, FS_NODUMP_FL, FileKind, Fs, SetAttr, SetTime, Time,
+};
 use crate::stats::{Op, Stats};
 
 /// How long the kernel may cache attributes and entries, including negative entries. Every
@@ -268,6 +270,44 @@ const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
 const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
 const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
 const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// Size of struct fsxattr.
+const FSXATTR_SIZE: usize = 28;
+const FS_XFLAG_NOATIME: u32 = 0x40;
+const FS_XFLAG_NODUMP: u32 = 0x80;
+
+/// `fsx_xflags` of `FS_*_FL` flags.
+fn xflags_of(flags: u32) -> u32 {
+    let mut x = 0;
+    if flags & FS_NOATIME_FL != 0 {
+        x |= FS_XFLAG_NOATIME;
+    }
+    if flags & FS_NODUMP_FL != 0 {
+        x |= FS_XFLAG_NODUMP;
+    }
+    x
+}
+
+/// `FS_*_FL` flags of `fsx_xflags`; `None` when one has no counterpart here.
+fn flags_of_xflags(x: u32) -> Option<u32> {
+    if x & !(FS_XFLAG_NOATIME | FS_XFLAG_NODUMP) != 0 {
+        return None;
+    }
+    let mut f = 0;
+    if x & FS_XFLAG_NOATIME != 0 {
+        f |= FS_NOATIME_FL;
+    }
+    if x & FS_XFLAG_NODUMP != 0 {
+        f |= FS_NODUMP_FL;
+    }
+    Some(f)
+}
+
+fn reply_ioctl_empty(reply: ReplyIoctl, r: Result<(), Error>) {
+    match r {
+        Ok(()) => reply.ioctl(0, &[]),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
 
 /// Open replies keep the page cache (nothing changes the file behind the kernel's back) and
 /// skip FLUSH on close (data is in the mapping when a write returns; flush has nothing to do).
@@ -789,13 +829,13 @@ impl Filesystem for FuseAdapter {
         reply_empty(reply, self.fs.fallocate(ino.0, offset, length, mode));
     }
 
-    /// The inode-flag ioctls (lsattr/chattr, `FS_IOC_FSGETXATTR`): no flag is stored, so every
-    /// file reports none and setting none succeeds. Anything else is not a terminal (ENOTTY),
-    /// answered quietly.
+    /// The inode-flag ioctls: `FS_IOC_GETFLAGS`/`SETFLAGS` (lsattr/chattr) and their
+    /// `FS_IOC_FSGETXATTR`/`FSSETXATTR` form, for the flags stored here (`A`, `d`); the kernel
+    /// checks who may change them. Anything else is not a terminal (ENOTTY), answered quietly.
     fn ioctl(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _flags: IoctlFlags,
         cmd: u32,
@@ -804,16 +844,44 @@ impl Filesystem for FuseAdapter {
         reply: ReplyIoctl,
     ) {
         self.stats.count(Op::Ioctl);
-        let all_zero = in_data.iter().all(|&b| b == 0);
+        let word = |at: usize| {
+            in_data
+                .get(at..at + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        };
         match cmd {
-            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS | FS_IOC_FSGETXATTR => {
-                reply.ioctl(0, &vec![0u8; (out_size as usize).min(64)]);
-            }
-            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR if all_zero => {
-                reply.ioctl(0, &[]);
-            }
-            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR => {
-                reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => match self.fs.get_flags(ino.0) {
+                Ok(f) => {
+                    let mut out = u64::from(f).to_le_bytes().to_vec();
+                    out.truncate((out_size as usize).min(8));
+                    reply.ioctl(0, &out)
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS => match word(0) {
+                Some(f) => reply_ioctl_empty(reply, self.fs.set_flags(ino.0, f)),
+                None => reply.error(Errno::from_i32(libc::EINVAL)),
+            },
+            FS_IOC_FSGETXATTR => match self.fs.get_flags(ino.0) {
+                Ok(f) => {
+                    // struct fsxattr: fsx_xflags first, the rest (extent sizes, project) 0.
+                    let mut out = vec![0u8; FSXATTR_SIZE];
+                    out[..4].copy_from_slice(&xflags_of(f).to_le_bytes());
+                    out.truncate(out_size as usize);
+                    reply.ioctl(0, &out)
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+            FS_IOC_FSSETXATTR => {
+                let rest_zero = in_data.get(4..16).is_some_and(|b| b.iter().all(|&x| x == 0));
+                match word(0) {
+                    Some(x) if rest_zero => match flags_of_xflags(x) {
+                        Some(f) => reply_ioctl_empty(reply, self.fs.set_flags(ino.0, f)),
+                        None => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
+                    },
+                    Some(_) => reply.error(Errno::from_i32(libc::EOPNOTSUPP)),
+                    None => reply.error(Errno::from_i32(libc::EINVAL)),
+                }
             }
             _ => reply.error(Errno::from_i32(libc::ENOTTY)),
         }

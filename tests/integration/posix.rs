@@ -1458,19 +1458,47 @@ fn rename_whiteout_as_on_tmpfs() {
     m.finish();
 }
 
-/// lsattr/chattr work through the inode-flag ioctls (no flag is stored: setting one is
-/// EOPNOTSUPP), an unknown ioctl is ENOTTY, and none of them fills the daemon's log.
+/// lsattr/chattr work through the inode-flag ioctls: `A` (no atime updates) and `d` (no dump)
+/// are stored and survive a remount, others are EOPNOTSUPP; an unknown ioctl is ENOTTY, and
+/// none of them fills the daemon's log.
 #[test]
 fn inode_flag_ioctls_and_unknown_ioctls() {
-    let m = Mount::new();
+    let mut m = Mount::new();
     fs::write(m.p("f"), b"x").unwrap();
     let f = m.p("f");
-    let out = run(Command::new("lsattr").arg(&f));
-    assert!(out.status.success(), "lsattr: {}", describe(&out));
-    let out = run(Command::new("chattr").arg("-A").arg(&f));
-    assert!(out.status.success(), "chattr -A: {}", describe(&out));
+    let lsattr = |p: &Path| {
+        let out = run(Command::new("lsattr").arg("-d").arg(p));
+        assert!(out.status.success(), "lsattr: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(!lsattr(&f).contains(['A', 'd']), "{}", lsattr(&f));
+    let out = run(Command::new("chattr").args(["+A", "+d"]).arg(&f));
+    assert!(out.status.success(), "chattr +A +d: {}", describe(&out));
+    assert!(lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    // +A: reads leave atime alone, even a day-old one under relatime.
+    set_atime(&f, 1_000_000_000);
+    assert_eq!(fs::read(&f).unwrap(), b"x");
+    assert_eq!(lstat(&f).st_atime, 1_000_000_000);
+    // Flags not kept here are refused, and leave the others as they were.
     let out = run(Command::new("chattr").arg("+i").arg(&f));
     assert!(!out.status.success(), "chattr +i: {}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not supported"),
+        "{}",
+        describe(&out)
+    );
+    m.remount();
+    let f = m.p("f");
+    assert!(lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    let out = run(Command::new("chattr").arg("-A").arg(&f));
+    assert!(out.status.success(), "chattr -A: {}", describe(&out));
+    assert!(!lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    assert_eq!(fs::read(&f).unwrap(), b"x");
+    assert!(lstat(&f).st_atime > 1_000_000_000, "atime updates again without A");
     let file = File::open(&f).unwrap();
     let mut buf = [0u8; 64];
     for _ in 0..100 {
