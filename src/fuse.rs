@@ -873,7 +873,9 @@ impl Filesystem for FuseAdapter {
                 Err(e) => reply.error(errno(&e)),
             },
             FS_IOC_FSSETXATTR => {
-                let rest_zero = in_data.get(4..16).is_some_and(|b| b.iter().all(|&x| x == 0));
+                let rest_zero = in_data
+                    .get(4..16)
+                    .is_some_and(|b| b.iter().all(|&x| x == 0));
                 match word(0) {
                     Some(x) if rest_zero => match flags_of_xflags(x) {
                         Some(f) => reply_ioctl_empty(reply, self.fs.set_flags(ino.0, f)),

@@ -1478,7 +1478,11 @@ fn inode_flag_ioctls_and_unknown_ioctls() {
     assert!(!lsattr(&f).contains(['A', 'd']), "{}", lsattr(&f));
     let out = run(Command::new("chattr").args(["+A", "+d"]).arg(&f));
     assert!(out.status.success(), "chattr +A +d: {}", describe(&out));
-    assert!(lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    assert!(
+        lsattr(&f).contains('A') && lsattr(&f).contains('d'),
+        "{}",
+        lsattr(&f)
+    );
     // +A: reads leave atime alone, even a day-old one under relatime.
     set_atime(&f, 1_000_000_000);
     assert_eq!(fs::read(&f).unwrap(), b"x");
@@ -1493,12 +1497,23 @@ fn inode_flag_ioctls_and_unknown_ioctls() {
     );
     m.remount();
     let f = m.p("f");
-    assert!(lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    assert!(
+        lsattr(&f).contains('A') && lsattr(&f).contains('d'),
+        "{}",
+        lsattr(&f)
+    );
     let out = run(Command::new("chattr").arg("-A").arg(&f));
     assert!(out.status.success(), "chattr -A: {}", describe(&out));
-    assert!(!lsattr(&f).contains('A') && lsattr(&f).contains('d'), "{}", lsattr(&f));
+    assert!(
+        !lsattr(&f).contains('A') && lsattr(&f).contains('d'),
+        "{}",
+        lsattr(&f)
+    );
     assert_eq!(fs::read(&f).unwrap(), b"x");
-    assert!(lstat(&f).st_atime > 1_000_000_000, "atime updates again without A");
+    assert!(
+        lstat(&f).st_atime > 1_000_000_000,
+        "atime updates again without A"
+    );
     let file = File::open(&f).unwrap();
     let mut buf = [0u8; 64];
     for _ in 0..100 {
