@@ -318,6 +318,10 @@ fn fsck(image: &Path, repair: bool, force: bool) -> ExitCode {
         match engine.free_orphans() {
             Ok(0) => {}
             Ok(n) => println!("recovery: freed {n} unlinked files left open"),
+            // A damaged orphan list is rebuilt by the check below.
+            Err(crate::error::Error::Corrupt(why)) => {
+                println!("recovery: unlinked files not freed: {why}")
+            }
             Err(e) => return fail(format!("{}: freeing unlinked files: {e}", image.display())),
         }
     } else if rec.needed() {

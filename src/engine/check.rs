@@ -50,7 +50,7 @@ const REPAIR_ROUNDS: usize = 4;
 /// Name of the directory unreachable inodes are moved to.
 const LOST_FOUND: &[u8] = b"lost+found";
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Fix {
     /// A damaged record: becomes a free slot (its blocks are then unowned).
     FreeSlot(u64),
@@ -76,6 +76,15 @@ enum Fix {
     /// A file tree with a damaged node: every node copied (resealed).
     RewriteTree(u64),
     RebuildFreeList,
+    /// The superblock's inode-slot count disagrees with the table: set to what it holds.
+    SetItabSlots(u64),
+    /// Content blocks a symlink or directory may not own: freed.
+    DropStray(u64),
+    /// A directory whose index area number is neither 0 nor 1: set to 0 (its index is
+    /// rebuilt by `Reindex`).
+    ResetIndexArea(u64),
+    /// The orphan list does not hold what the records say: rebuilt from them.
+    RebuildOrphans,
     /// A bitmap that fails its checksum: rewritten from the owned blocks of its group.
     RebuildBitmap(u64, Vec<(u64, u64)>),
     /// Bitmap corrections: owned blocks marked free, free blocks marked used.
@@ -173,7 +182,11 @@ impl Walk<'_> {
             ),
             Fix::RewriteLeaf(leaf) => format!("resealed inode-table block {leaf}"),
             Fix::RewriteTree(ino) => format!("resealed the block tree of {}", self.who(*ino)),
+            Fix::RebuildOrphans => "rebuilt the list of files unlinked while open".to_string(),
+            Fix::DropStray(ino) => format!("freed the blocks {} may not own", self.who(*ino)),
+            Fix::ResetIndexArea(d) => format!("reset the index area of {}", self.dir_who(*d)),
             Fix::RebuildFreeList => "rebuilt the free inode list".to_string(),
+            Fix::SetItabSlots(n) => format!("set the inode-slot count to {n}"),
             Fix::RebuildBitmap(g, _) => {
                 format!("rewrote the damaged bitmap of group {g} from the blocks in use")
             }
@@ -495,7 +508,21 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
             )));
         }
     }
-    let slots = sb.itab_slots.get();
+    // The slot count must end where the table's leaves do (a whole number of leaves).
+    let claimed_slots = sb.itab_slots.get();
+    let mut leaves = 0;
+    while leaves < claimed_slots / INODES_PER_BLOCK
+        && e.tree_lookup(sb.itab_tree.get(), leaves)?.is_some()
+    {
+        leaves += 1;
+    }
+    let slots = leaves * INODES_PER_BLOCK;
+    if slots != claimed_slots {
+        w.problem(format!(
+            "superblock counts {claimed_slots} inode slots, the table holds {slots}"
+        ));
+        w.fixes.insert(0, Fix::SetItabSlots(slots));
+    }
     w.claim_tree(
         sb.itab_tree.get(),
         &|_| Some(BlockKind::InodeTable),
@@ -531,11 +558,14 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
     if !e.read_inode(ROOT_INO)?.is_dir() {
         return Err(Error::corrupt("root inode is not a directory"));
     }
-    let orphans: BTreeSet<u64> = match e.orphans() {
-        Ok(list) => list.into_iter().collect(),
+    // A broken list is rebuilt from the records; meanwhile an inode flagged as an orphan with
+    // no links counts as one (it is not moved to /lost+found).
+    let (orphans, orphan_list_broken): (BTreeSet<u64>, bool) = match e.orphans() {
+        Ok(list) => (list.into_iter().collect(), false),
         Err(err) => {
             w.problem(format!("orphan list: {err}"));
-            BTreeSet::new()
+            w.fixes.push(Fix::RebuildOrphans);
+            (BTreeSet::new(), true)
         }
     };
 
@@ -571,7 +601,9 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         }
         let rec = e.read_inode(ino)?;
         if !reached[i] {
-            if orphans.contains(&ino) && rec.nlink.get() == 0 {
+            let flagged = rec.flags.get() & INODE_FLAG_ORPHAN != 0;
+            let listed = orphans.contains(&ino) || (orphan_list_broken && flagged);
+            if listed && rec.nlink.get() == 0 {
                 // Unlinked while open: recovery (the next mount) frees it.
             } else {
                 w.problem(format!("inode {ino} is not reachable from the root"));
@@ -588,6 +620,9 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         } else if orphans.contains(&ino) {
             let who = w.who(ino);
             w.problem(format!("{who} is on the orphan list but has a name"));
+            if !w.fixes.iter().any(|f| matches!(f, Fix::RebuildOrphans)) {
+                w.fixes.push(Fix::RebuildOrphans);
+            }
         }
         let kind: &dyn Fn(u64) -> Option<BlockKind> = if rec.is_dir() {
             &dir_block_kind
@@ -624,6 +659,7 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         if let Some(msg) = extent_problem(e, &rec) {
             let who = w.who(ino);
             w.problem(format!("{who}: {msg}"));
+            w.fixes.push(Fix::DropStray(ino));
         }
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
@@ -705,7 +741,8 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
                 "free inode list holds {listed} of {free_slots} free inodes or is broken"
             ));
         }
-        w.fixes.push(Fix::RebuildFreeList);
+        // First: repairs that create /lost+found allocate from this list.
+        w.fixes.insert(0, Fix::RebuildFreeList);
     }
     let used_inodes = (1..slots)
         .filter(|&i| state[i as usize] == Slot::Used)
@@ -812,6 +849,12 @@ fn walk_dir(
     let e = w.e;
     w.directories += 1;
     let dir = e.read_inode(dino)?;
+    if dir.dir_hash_area.get() > 1 {
+        let who = w.dir_who(dino);
+        w.problem(format!("{who}: index area {} (0 or 1)", dir.dir_hash_area));
+        // Before the index is rebuilt (the rebuild moves it to the other area).
+        w.fixes.insert(0, Fix::ResetIndexArea(dino));
+    }
     let mut entries = Vec::new();
     if let Err(err) = e.dir_for_each(&dir, 0, &mut |ent| {
         entries.push(ent);
@@ -906,9 +949,66 @@ fn walk_dir(
 }
 
 /// Applies fixes in one transaction per fix (each is small and independent).
+/// What to do instead when `fix` finds the object too damaged to repair in place: a
+/// directory or file whose tree cannot be read is emptied (its entries' inodes then go to
+/// /lost+found), attributes that cannot be read are dropped.
+fn fallback_of(fix: &Fix) -> Option<Fix> {
+    match *fix {
+        Fix::SalvageDir(d) | Fix::Reindex(d) | Fix::DropEntry(d, _) | Fix::RenameEntry(d, ..) => {
+            Some(Fix::DropTree(d))
+        }
+        Fix::RewriteTree(ino) => Some(Fix::DropTree(ino)),
+        Fix::DropAttr(ino, _) | Fix::AclFromMode(ino) => Some(Fix::DropXattr(ino)),
+        _ => None,
+    }
+}
+
+/// The inode a fix works on the contents of, if any.
+fn contents_of(fix: &Fix) -> Option<u64> {
+    match *fix {
+        Fix::SalvageDir(d) | Fix::Reindex(d) | Fix::DropEntry(d, _) | Fix::RenameEntry(d, ..) => {
+            Some(d)
+        }
+        Fix::RewriteTree(ino) => Some(ino),
+        _ => None,
+    }
+}
+
 fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
+    // Contents about to be dropped need no salvage (reading them would fail anyway).
+    let dropped: BTreeSet<u64> = fixes
+        .iter()
+        .filter_map(|f| match f {
+            Fix::DropTree(ino) => Some(*ino),
+            _ => None,
+        })
+        .collect();
     for fix in fixes {
-        let tx = e.begin_delete(256)?;
+        if contents_of(&fix).is_some_and(|ino| dropped.contains(&ino)) {
+            continue;
+        }
+        let fallback = fallback_of(&fix);
+        let r = {
+            let tx = e.begin_delete(256)?;
+            apply_one(e, &tx, fix)
+        };
+        match (r, fallback) {
+            (Ok(()), _) => {}
+            // The inode was freed by an earlier fix of this round: nothing left to repair.
+            (Err(Error::NotFound), _) => {}
+            (Err(Error::Corrupt(why)), Some(instead)) => {
+                log::warn!("fsck --repair: {why}; {instead:?} instead");
+                let tx = e.begin_delete(256)?;
+                apply_one(e, &tx, instead)?;
+            }
+            (Err(err), _) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+fn apply_one(e: &Engine, tx: &super::Tx, fix: Fix) -> Result<()> {
+    {
         match fix {
             Fix::Counters {
                 free_blocks,
@@ -930,9 +1030,9 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
             }
             Fix::FreeSlot(ino) => {
                 let mut free = Inode::new_zeroed();
-                e.overwrite_record(&tx, ino, &mut free)?;
+                e.overwrite_record(tx, ino, &mut free)?;
             }
-            Fix::DropTree(ino) => with_inode(e, &tx, ino, |rec| {
+            Fix::DropTree(ino) => with_inode(e, tx, ino, |rec| {
                 rec.tree = 0.into();
                 rec.size = 0.into();
                 if rec.is_dir() {
@@ -940,58 +1040,89 @@ fn apply(e: &Engine, fixes: Vec<Fix>) -> Result<()> {
                     e.dir_init(rec, parent);
                 }
             })?,
-            Fix::DropXattr(ino) => with_inode(e, &tx, ino, |rec| rec.xattr_block = 0.into())?,
+            Fix::DropXattr(ino) => with_inode(e, tx, ino, |rec| rec.xattr_block = 0.into())?,
             Fix::DropAttr(ino, name) => {
                 let mut rec = e.read_inode(ino)?;
-                e.xattr_remove(&tx, &mut rec, &name)?;
-                e.write_inode(&tx, ino, &mut rec)?;
+                e.xattr_remove(tx, &mut rec, &name)?;
+                e.write_inode(tx, ino, &mut rec)?;
             }
             Fix::AclFromMode(ino) => {
                 let mut rec = e.read_inode(ino)?;
                 let mut a = Acl::parse(&e.xattr_get(&rec, acl::ACCESS)?)?;
                 a.chmod(rec.mode.get());
-                e.xattr_set(&tx, &mut rec, acl::ACCESS, &a.encode(), SetMode::Replace)?;
-                e.write_inode(&tx, ino, &mut rec)?;
+                e.xattr_set(tx, &mut rec, acl::ACCESS, &a.encode(), SetMode::Replace)?;
+                e.write_inode(tx, ino, &mut rec)?;
             }
-            Fix::SetBlocks(ino, n) => with_inode(e, &tx, ino, |rec| rec.blocks = n.into())?,
-            Fix::SetLinks(ino, n) => with_inode(e, &tx, ino, |rec| rec.nlink = n.into())?,
-            Fix::SetSize(ino, n) => with_inode(e, &tx, ino, |rec| rec.size = n.into())?,
-            Fix::SetParent(ino, p) => with_inode(e, &tx, ino, |rec| rec.parent = p.into())?,
+            Fix::SetBlocks(ino, n) => with_inode(e, tx, ino, |rec| rec.blocks = n.into())?,
+            Fix::SetLinks(ino, n) => with_inode(e, tx, ino, |rec| rec.nlink = n.into())?,
+            Fix::SetSize(ino, n) => with_inode(e, tx, ino, |rec| rec.size = n.into())?,
+            Fix::SetParent(ino, p) => with_inode(e, tx, ino, |rec| rec.parent = p.into())?,
             Fix::SalvageDir(dino) => {
                 let mut dir = e.read_inode(dino)?;
-                e.dir_salvage(&tx, &mut dir)?;
-                e.dir_reindex(&tx, &mut dir)?;
-                e.write_inode(&tx, dino, &mut dir)?;
+                e.dir_salvage(tx, &mut dir)?;
+                e.dir_reindex(tx, &mut dir)?;
+                e.write_inode(tx, dino, &mut dir)?;
             }
             Fix::Reindex(dino) => {
                 let mut dir = e.read_inode(dino)?;
-                e.dir_reindex(&tx, &mut dir)?;
-                e.write_inode(&tx, dino, &mut dir)?;
+                e.dir_reindex(tx, &mut dir)?;
+                e.write_inode(tx, dino, &mut dir)?;
             }
             Fix::DropEntry(dino, name) => {
                 let mut dir = e.read_inode(dino)?;
-                match e.dir_remove(&tx, &mut dir, &name) {
+                match e.dir_remove(tx, &mut dir, &name) {
                     Ok(_) | Err(Error::NotFound) => {}
                     Err(err) => return Err(err),
                 }
-                e.write_inode(&tx, dino, &mut dir)?;
+                e.write_inode(tx, dino, &mut dir)?;
             }
             Fix::RenameEntry(dino, from, to) => {
                 let mut dir = e.read_inode(dino)?;
                 if let Some((ino, kind)) = e.dir_lookup(&dir, &from)? {
                     // The new name first, so the directory never counts zero entries between.
-                    e.dir_insert(&tx, &mut dir, &to, ino, kind)?;
-                    e.dir_remove(&tx, &mut dir, &from)?;
-                    e.write_inode(&tx, dino, &mut dir)?;
+                    e.dir_insert(tx, &mut dir, &to, ino, kind)?;
+                    e.dir_remove(tx, &mut dir, &from)?;
+                    e.write_inode(tx, dino, &mut dir)?;
                 }
             }
-            Fix::ToLostFound(ino) => to_lost_found(e, &tx, ino)?,
-            Fix::RebuildFreeList => e.rebuild_free_list(&tx)?,
-            Fix::RewriteLeaf(leaf) => e.rewrite_itab_leaf(&tx, leaf)?,
+            Fix::ToLostFound(ino) => to_lost_found(e, tx, ino)?,
+            Fix::RebuildFreeList => e.rebuild_free_list(tx)?,
+            Fix::SetItabSlots(n) => e.set_itab_slots(n),
+            Fix::RebuildOrphans => e.rebuild_orphan_list(tx)?,
+            Fix::DropStray(ino) => {
+                let mut rec = e.read_inode(ino)?;
+                let mut tree = rec.tree.get();
+                let mut blocks = rec.blocks.get();
+                let keep: Vec<(u64, u64)> = match rec.file_type() {
+                    libc::S_IFLNK => vec![(0, 1)],
+                    libc::S_IFDIR => {
+                        let area = dir_index_area_block(rec.dir_hash_area.get());
+                        let index = rec.dir_hash_cap.get().div_ceil(DIR_INDEX_SLOTS_PER_BLOCK);
+                        vec![
+                            (0, rec.dir_entries_end.get().div_ceil(BLOCK_SIZE)),
+                            (area, area + index),
+                        ]
+                    }
+                    _ => return Ok(()),
+                };
+                // Free the gaps between the ranges kept (they are in ascending order).
+                let mut from = 0;
+                for (start, end) in keep.into_iter().chain([(u64::MAX, u64::MAX)]) {
+                    if start > from {
+                        e.tree_free_range(&mut tx.blocks(), &mut tree, from, start, &mut blocks)?;
+                    }
+                    from = from.max(end);
+                }
+                rec.tree = tree.into();
+                rec.blocks = blocks.into();
+                e.write_inode(tx, ino, &mut rec)?;
+            }
+            Fix::ResetIndexArea(d) => with_inode(e, tx, d, |rec| rec.dir_hash_area = 0.into())?,
+            Fix::RewriteLeaf(leaf) => e.rewrite_itab_leaf(tx, leaf)?,
             Fix::RewriteTree(ino) => {
                 let mut rec = e.read_inode(ino)?;
-                e.rewrite_tree(&tx, &mut rec)?;
-                e.write_inode(&tx, ino, &mut rec)?;
+                e.rewrite_tree(tx, &mut rec)?;
+                e.write_inode(tx, ino, &mut rec)?;
             }
         }
     }

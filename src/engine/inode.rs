@@ -158,7 +158,12 @@ impl Engine {
         let mut head = 0;
         let mut used = 0;
         for ino in (1..it.slots).rev() {
-            let rec = self.record_locked(&it, ino)?;
+            // A record that does not read is left out (its own repair frees it; the next
+            // round lists it).
+            let Ok(rec) = self.record_locked(&it, ino) else {
+                used += 1;
+                continue;
+            };
             if !rec.is_free() {
                 used += 1;
                 continue;
@@ -172,6 +177,50 @@ impl Engine {
         }
         it.free_head = head;
         it.used = used;
+        Ok(())
+    }
+
+    /// Repair: sets the number of inode slots to what the table holds (the free list is
+    /// rebuilt by the same repair round).
+    pub(super) fn set_itab_slots(&self, slots: u64) {
+        let mut it = self.itab.lock();
+        it.slots = slots;
+        if it.free_head >= slots {
+            it.free_head = 0;
+        }
+        self.itab_slots.store(slots, Ordering::Release);
+        *self.misc_dirty.lock() = true;
+    }
+
+    /// Repair: rebuilds the orphan list from the records: every inode flagged as an orphan that
+    /// has no links is listed (low numbers first); a flagged inode with links loses the flag.
+    /// Records that do not read are left to the other repairs.
+    pub(super) fn rebuild_orphan_list(&self, tx: &Tx) -> Result<()> {
+        let mut it = self.itab.lock();
+        let mut orphans = Vec::new();
+        for ino in 1..it.slots {
+            let Ok(mut rec) = self.record_locked(&it, ino) else {
+                continue;
+            };
+            if rec.is_free() || rec.flags.get() & INODE_FLAG_ORPHAN == 0 {
+                continue;
+            }
+            if rec.nlink.get() == 0 {
+                orphans.push(ino);
+            } else {
+                rec.flags = (rec.flags.get() & !INODE_FLAG_ORPHAN).into();
+                rec.orphan_next = 0.into();
+                rec.orphan_prev = 0.into();
+                self.put_record(tx, &mut it, ino, &mut rec)?;
+            }
+        }
+        for (i, &ino) in orphans.iter().enumerate() {
+            let mut rec = self.record_locked(&it, ino)?;
+            rec.orphan_prev = (if i == 0 { 0 } else { orphans[i - 1] }).into();
+            rec.orphan_next = orphans.get(i + 1).copied().unwrap_or(0).into();
+            self.put_record(tx, &mut it, ino, &mut rec)?;
+        }
+        it.orphan_head = orphans.first().copied().unwrap_or(0);
         Ok(())
     }
 
@@ -368,7 +417,9 @@ impl Engine {
             if out.len() as u64 >= it.slots {
                 return Err(self.corrupt("orphan list loops"));
             }
-            let rec = self.record_locked(&it, cur)?;
+            let rec = self
+                .record_locked(&it, cur)
+                .map_err(|e| self.corrupt(format!("orphan list holds inode {cur}: {e}")))?;
             if rec.flags.get() & INODE_FLAG_ORPHAN == 0 || rec.is_free() {
                 return Err(self.corrupt(format!("orphan list holds inode {cur} not an orphan")));
             }

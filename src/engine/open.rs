@@ -527,8 +527,15 @@ impl Engine {
         if !root.is_dir() {
             return Err(corrupt(Error::corrupt("root inode is not a directory")));
         }
-        let orphans = self.orphans().map_err(corrupt)?;
-        self.recovery.orphans = orphans.len() as u64;
+        // A broken orphan list does not keep the image from opening: the files on it stay
+        // allocated, and fsck --repair rebuilds the list from the records.
+        self.recovery.orphans = match self.orphans() {
+            Ok(orphans) => orphans.len() as u64,
+            Err(e) => {
+                log::warn!("{p}: {e}; run `mmapfs fsck --repair`");
+                0
+            }
+        };
         if let Some(why) = &self.recovery.rolled_back {
             log::warn!("{p}: {why}");
         }
@@ -552,12 +559,12 @@ impl Engine {
             log::warn!("{p}: the image was marked as damaged; run `mmapfs fsck --repair`");
             self.errors.store(true, Ordering::Relaxed);
         }
-        if !orphans.is_empty() {
+        if self.recovery.orphans > 0 {
             // Unlinked and unreferenced: invisible. Freed once the mount is live (the committer
             // thread starts with it), so recovery does not wait for their blocks.
             log::warn!(
                 "{p}: {} unlinked files were left open at a crash; freeing them",
-                orphans.len()
+                self.recovery.orphans
             );
         }
         Ok(self)
