@@ -6,6 +6,7 @@ mod common;
 mod cli;
 mod concurrency;
 mod crash;
+mod damage;
 mod data;
 mod mounting;
 mod persistence;
