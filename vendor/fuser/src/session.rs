@@ -13,6 +13,9 @@ use std::os::fd::BorrowedFd;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::thread::{self};
 
@@ -48,6 +51,10 @@ use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
+#[cfg(target_os = "linux")]
+use crate::ring::RingThreads;
+#[cfg(target_os = "linux")]
+use crate::ring::Rings;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -139,6 +146,44 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// The io_uring queues, when INIT negotiated `FUSE_OVER_IO_URING` (mmapfs fork).
+    #[cfg(target_os = "linux")]
+    rings: Option<Rings>,
+    /// How requests reached the filesystem (mmapfs fork).
+    transport: Arc<TransportStats>,
+}
+
+/// Counters of the transports of a session (see [`crate::Session::transport_stats`]).
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub(crate) io_uring_queues: AtomicU32,
+    pub(crate) io_uring_requests: AtomicU64,
+    pub(crate) dev_fuse_requests: AtomicU64,
+}
+
+impl TransportStats {
+    /// Queues whose thread runs: it submitted its entries for registration and has not stopped.
+    pub fn io_uring_queues(&self) -> u32 {
+        self.io_uring_queues.load(Ordering::Relaxed)
+    }
+
+    /// Requests served over io_uring.
+    pub fn io_uring_requests(&self) -> u64 {
+        self.io_uring_requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests served over `/dev/fuse` after INIT, not counting FORGET, BATCH_FORGET,
+    /// INTERRUPT and NOTIFY_REPLY, which the kernel never sends over io_uring.
+    pub fn dev_fuse_requests(&self) -> u64 {
+        self.dev_fuse_requests.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_dev_fuse(&self, opcode: u32) {
+        // FORGET 2, INTERRUPT 36, NOTIFY_REPLY 41, BATCH_FORGET 42.
+        if !matches!(opcode, 2 | 36 | 41 | 42) {
+            self.dev_fuse_requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +231,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            #[cfg(target_os = "linux")]
+            rings: None,
+            transport: Arc::default(),
         };
 
         session.handshake()?;
@@ -214,6 +262,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            #[cfg(target_os = "linux")]
+            rings: None,
+            transport: Arc::default(),
         };
 
         session.handshake()?;
@@ -252,6 +303,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            #[cfg(target_os = "linux")]
+            rings,
+            transport,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -268,6 +322,27 @@ impl<FS: Filesystem> Session<FS> {
         };
 
         let mut filesystem = Arc::new(filesystem);
+
+        // The io_uring queues start first: once INIT negotiated io_uring the kernel holds every
+        // request back until each queue has an entry registered. If they cannot start, the
+        // session ends (and unmounts) rather than leave the mount hanging.
+        #[cfg(target_os = "linux")]
+        let ring_threads: Option<RingThreads> = match rings {
+            Some(rings) => {
+                let ch = ch.clone();
+                let fs = filesystem.clone();
+                let transport = transport.clone();
+                Some(rings.start(move |thread_name| SessionEventLoop {
+                    thread_name,
+                    filesystem: fs.clone(),
+                    ch: ch.clone(),
+                    allowed,
+                    session_owner,
+                    transport: transport.clone(),
+                })?)
+            }
+            None => None,
+        };
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -298,6 +373,7 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                transport: transport.clone(),
             };
             threads.push(
                 thread::Builder::new()
@@ -319,6 +395,12 @@ impl<FS: Filesystem> Session<FS> {
                     reply = Err(e);
                 }
             }
+        }
+
+        // The /dev/fuse workers end when the connection does; the queues' threads with it.
+        #[cfg(target_os = "linux")]
+        if let Some(rings) = ring_threads {
+            rings.stop_and_join();
         }
 
         let Some(filesystem) = Arc::get_mut(&mut filesystem) else {
@@ -429,6 +511,24 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            // FUSE over io_uring: the rings are set up before the reply offers it, so that a
+            // failure here only means it is not negotiated.
+            #[cfg(target_os = "linux")]
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                match Rings::prepare(
+                    self.ch.as_fd(),
+                    config.max_write,
+                    config.max_pages(),
+                    self.transport.clone(),
+                ) {
+                    Ok(rings) => self.rings = Some(rings),
+                    Err(e) => {
+                        warn!("cannot set up FUSE over io_uring ({e}); using /dev/fuse only");
+                        config.requested.remove(InitFlags::FUSE_OVER_IO_URING);
+                    }
+                }
+            }
+
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
@@ -493,6 +593,22 @@ impl<FS: Filesystem> Session<FS> {
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.ch.sender())
     }
+
+    /// Whether INIT negotiated FUSE over io_uring (`InitFlags::FUSE_OVER_IO_URING`, asked for
+    /// in `Filesystem::init`): then `run` serves the kernel's per-CPU io_uring queues beside
+    /// `/dev/fuse`.
+    pub fn io_uring(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.rings.is_some();
+        #[cfg(not(target_os = "linux"))]
+        return false;
+    }
+
+    /// Counters of how requests reach the filesystem (io_uring or `/dev/fuse`), live while the
+    /// session runs.
+    pub fn transport_stats(&self) -> Arc<TransportStats> {
+        self.transport.clone()
+    }
 }
 
 #[derive(Debug)]
@@ -518,6 +634,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) transport: Arc<TransportStats>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
@@ -533,6 +650,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
+                        self.transport.count_dev_fuse(req.request.header().opcode);
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {
                             req.reply::<ReplyEmpty>().ok();
                             return Ok(());
