@@ -7,6 +7,7 @@ mod cli;
 mod concurrency;
 mod crash;
 mod data;
+mod io_uring;
 mod mounting;
 mod persistence;
 mod posix;

@@ -322,7 +322,11 @@ fn info_fsck_and_second_mount_of_a_mounted_image_answer_at_once() {
     let out = run(Command::new(BIN)
         .args(["fsck", "--force", "--repair"])
         .arg(m.image()));
-    assert!(!out.status.success(), "fsck --force --repair: {}", describe(&out));
+    assert!(
+        !out.status.success(),
+        "fsck --force --repair: {}",
+        describe(&out)
+    );
 
     let other = tempdir();
     let start = Instant::now();
