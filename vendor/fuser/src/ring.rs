@@ -614,7 +614,9 @@ impl Queue {
         }
         let total: usize = data.iter().map(|s| s.len()).sum();
         let mut out = [0u8; OUT_HEADER_SIZE];
-        let mut body = Vec::new();
+        // Reused from one reply to the next: a WRITE's 8-byte reply allocates nothing.
+        let mut staged = std::mem::take(&mut slot.staged);
+        staged.clear();
         let mut body_len = total.saturating_sub(OUT_HEADER_SIZE);
         if body_len > self.mem.payload_size {
             error!(
@@ -628,7 +630,6 @@ impl Queue {
             // Split the slices into the out-header and the body.
             let mut header_filled = 0;
             let dst = if slot.borrowed {
-                slot.staged.clear();
                 None
             } else {
                 Some(self.mem.payload(entry))
@@ -652,14 +653,12 @@ impl Queue {
                     Some(p) => unsafe {
                         std::ptr::copy_nonoverlapping(s.as_ptr(), p.add(written), s.len());
                     },
-                    None => body.extend_from_slice(s),
+                    None => staged.extend_from_slice(s),
                 }
                 written += s.len();
             }
-            if slot.borrowed {
-                slot.staged = body;
-            }
         }
+        slot.staged = staged;
         // The out-header as the kernel reads it: its length, our error, the request's unique.
         out[0..4].copy_from_slice(&((OUT_HEADER_SIZE + body_len) as u32).to_ne_bytes());
         out[8..16].copy_from_slice(&unique.to_ne_bytes());
