@@ -60,7 +60,7 @@ if [[ -w $param ]]; then
     echo 1 >"$param"
     "$bin" mount -o io_uring "$work/image" "$mnt"
     restore_param # a connection that negotiated io_uring keeps it
-    row "-o io_uring (one ring thread pinned per CPU), client anywhere:"
+    row "-o io_uring (ring threads pinned), client anywhere:"
     row "-o io_uring, client on CPU 0:" taskset -c 0
     row "-o io_uring, client on CPU 1:" taskset -c 1
     "$bin" stats "$mnt" | grep '^transport:' | sed 's/^/  /'

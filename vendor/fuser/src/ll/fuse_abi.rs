@@ -23,6 +23,10 @@
 #![warn(missing_debug_implementations)]
 #![allow(missing_docs)]
 
+// mmapfs fork: some ABI structs are declared for completeness and never built, which rustc 1.95
+// reports (five dead_code warnings that every build of mmapfs would repeat).
+#![allow(dead_code)]
+
 use num_enum::TryFromPrimitive;
 use zerocopy::FromBytes;
 use zerocopy::Immutable;
