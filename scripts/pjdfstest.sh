@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # POSIX conformance: runs pjdfstest (crates.io) against a fresh mmapfs mount and checks the
-# result against the known list of failures (currently none). Usage: scripts/pjdfstest.sh
+# result against the known list of failures (currently none).
+# Usage: scripts/pjdfstest.sh [-o MOUNT_OPTIONS]   (e.g. -o io_uring)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 . scripts/lib.sh
+
+mount_opts=()
+if [ "${1:-}" = "-o" ] && [ -n "${2:-}" ]; then
+    mount_opts=(-o "$2")
+elif [ $# -gt 0 ]; then
+    echo "usage: scripts/pjdfstest.sh [-o MOUNT_OPTIONS]" >&2
+    exit 2
+fi
 
 need_fuse
 if ! command -v pjdfstest >/dev/null 2>&1; then
@@ -29,7 +38,7 @@ trap cleanup EXIT INT TERM
 
 mkdir -p "$work/mnt" "$work/secondary"
 "$bin" mkfs "$work/img" --size 64M >/dev/null
-"$bin" mount --foreground "$work/img" "$work/mnt" >/dev/null &
+"$bin" mount --foreground "${mount_opts[@]}" "$work/img" "$work/mnt" >/dev/null &
 daemon=$!
 wait_mounted "$work/mnt" "$daemon" || { echo "pjdfstest: mount failed" >&2; exit 1; }
 # pjdfstest needs a secondary filesystem for EXDEV tests.

@@ -528,6 +528,16 @@ fn stats(mountpoint: &Path, prometheus: bool) -> ExitCode {
     let total: f64 = requests.iter().map(|r| r.1).sum();
     let list: Vec<String> = requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
     println!("requests:     {total} ({})", list.join(", "));
+    let queues = get("fuse_io_uring_queues");
+    let dev = get("fuse_transport_requests_total{transport=\"dev_fuse\"}");
+    if queues > 0.0 {
+        println!(
+            "transport:    io_uring ({queues} queues): {} requests; /dev/fuse: {dev}",
+            get("fuse_transport_requests_total{transport=\"io_uring\"}")
+        );
+    } else {
+        println!("transport:    /dev/fuse: {dev} requests");
+    }
     println!("read:         {:.1} MiB", mib(get("read_bytes_total")));
     println!("written:      {:.1} MiB", mib(get("written_bytes_total")));
     let fsyncs = get("fsync_seconds_count");

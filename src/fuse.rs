@@ -41,6 +41,8 @@ pub struct KernelOptions {
     /// Largest write request asked of the kernel (bytes).
     pub max_write: u32,
     pub ownership: Ownership,
+    /// FUSE over io_uring (`-o io_uring`), when the kernel offers it.
+    pub io_uring: bool,
 }
 
 /// How ownership and permissions are shown (`-o uid=,gid=,umask=`): the image keeps what was
@@ -343,6 +345,13 @@ impl Filesystem for FuseAdapter {
         if self.opts.acl && caps.contains(acl) {
             wanted |= acl;
             self.fs.set_acls(true);
+        }
+        if self.opts.io_uring {
+            if caps.contains(InitFlags::FUSE_OVER_IO_URING) {
+                wanted |= InitFlags::FUSE_OVER_IO_URING;
+            } else {
+                io_uring_refused();
+            }
         }
         if let Err(unsupported) = config.add_capabilities(wanted & caps) {
             log::warn!("kernel lacks FUSE capabilities {unsupported:?}");
@@ -936,6 +945,29 @@ impl Filesystem for FuseAdapter {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+/// Where the fuse module's switch for FUSE over io_uring is (Linux 6.14+).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Says, in one line, why `-o io_uring` falls back to /dev/fuse when the kernel's INIT does not
+/// offer FUSE over io_uring. The switch is machine-wide, so the daemon never flips it itself.
+fn io_uring_refused() {
+    match std::fs::read_to_string(ENABLE_URING).map(|v| v.trim().to_string()) {
+        Ok(v) if v == "N" || v == "0" => log::warn!(
+            "-o io_uring: FUSE over io_uring is switched off in the kernel ({ENABLE_URING} is \
+             {v}); root can switch it on for the whole machine with `echo 1 > {ENABLE_URING}`; \
+             serving through /dev/fuse"
+        ),
+        Ok(_) => log::info!(
+            "-o io_uring: the kernel did not offer FUSE over io_uring although {ENABLE_URING} \
+             is on; serving through /dev/fuse"
+        ),
+        Err(_) => log::info!(
+            "-o io_uring: this kernel has no FUSE over io_uring (Linux 6.14+ with \
+             CONFIG_FUSE_IO_URING); serving through /dev/fuse"
+        ),
     }
 }
 

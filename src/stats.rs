@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::engine::Engine;
@@ -92,6 +92,8 @@ pub struct Stats {
     /// Cumulative per bucket is computed when rendering; these are per-bucket counts.
     fsync_buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
     fsync_sum_us: AtomicU64,
+    /// How requests reach the daemon (io_uring or /dev/fuse), from the FUSE session.
+    transport: OnceLock<Arc<fuser::TransportStats>>,
 }
 
 impl Default for Stats {
@@ -103,11 +105,17 @@ impl Default for Stats {
             bytes_written: AtomicU64::new(0),
             fsync_buckets: Default::default(),
             fsync_sum_us: AtomicU64::new(0),
+            transport: OnceLock::new(),
         }
     }
 }
 
 impl Stats {
+    /// Attaches the session's transport counters (once, when the session exists).
+    pub fn set_transport(&self, t: Arc<fuser::TransportStats>) {
+        self.transport.set(t).ok();
+    }
+
     pub fn count(&self, op: Op) {
         self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -158,6 +166,32 @@ impl Stats {
             "FUSE requests by operation.",
             &requests,
         );
+        if let Some(t) = self.transport.get() {
+            metric(
+                &mut s,
+                "fuse_transport_requests_total",
+                "counter",
+                "FUSE requests by the way they came: io_uring, or /dev/fuse (not counting FORGET \
+                 and INTERRUPT, which always come that way).",
+                &[
+                    (
+                        "{transport=\"io_uring\"}",
+                        t.io_uring_requests().to_string(),
+                    ),
+                    (
+                        "{transport=\"dev_fuse\"}",
+                        t.dev_fuse_requests().to_string(),
+                    ),
+                ],
+            );
+            metric(
+                &mut s,
+                "fuse_io_uring_queues",
+                "gauge",
+                "FUSE-over-io_uring queues being served (one per possible CPU; 0 without -o io_uring).",
+                &[("", t.io_uring_queues().to_string())],
+            );
+        }
         metric(
             &mut s,
             "read_bytes_total",

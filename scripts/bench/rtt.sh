@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where a FUSE round trip's time goes on this machine: mounts a fresh mmapfs image and times
 # getxattr round trips (scripts/bench/fuse_rtt.c): with the default placement of the workers (one
-# pinned per CPU), then with `-o no_pin_threads`, and with every worker moved to CPU 0 while the
-# client runs on CPU 0 (same CPU) or CPU 1 (another CPU).
+# pinned per CPU), with `-o io_uring` (where the kernel has it: the fuse module's enable_uring
+# switch is turned on only while that mount starts and put back after), then with
+# `-o no_pin_threads`, and with every worker moved to CPU 0 while the client runs on CPU 0 (same
+# CPU) or CPU 1 (another CPU).
 #   bash scripts/bench/rtt.sh [REPS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,7 +18,16 @@ command -v gcc >/dev/null || { echo "rtt.sh: gcc is missing" >&2; exit 1; }
 
 work=$(mktemp -d /var/tmp/mmapfs-rtt.XXXXXX)
 mnt=$work/mnt
+param=/sys/module/fuse/parameters/enable_uring
+param_was=$(cat "$param" 2>/dev/null || true)
+restore_param() {
+    case $param_was in
+    Y | 1) echo 1 >"$param" ;;
+    N | 0) echo 0 >"$param" ;;
+    esac
+}
 cleanup() {
+    restore_param
     unmount_quietly "$mnt"
     rm -rf "$work"
 }
@@ -44,6 +55,20 @@ row "default, client on CPU 0:" taskset -c 0
 row "default, client on CPU 1:" taskset -c 1
 fusermount3 -u "$mnt"
 sleep 0.5 # the daemon releases the image lock after the unmount returns
+
+if [[ -w $param ]]; then
+    echo 1 >"$param"
+    "$bin" mount -o io_uring "$work/image" "$mnt"
+    restore_param # a connection that negotiated io_uring keeps it
+    row "-o io_uring (ring threads pinned), client anywhere:"
+    row "-o io_uring, client on CPU 0:" taskset -c 0
+    row "-o io_uring, client on CPU 1:" taskset -c 1
+    "$bin" stats "$mnt" | grep '^transport:' | sed 's/^/  /'
+    fusermount3 -u "$mnt"
+    sleep 0.5
+else
+    echo "  (no $param: this kernel has no FUSE over io_uring; its rows are skipped)"
+fi
 
 "$bin" mount -o no_pin_threads "$work/image" "$mnt"
 row "-o no_pin_threads (scheduler places workers):"

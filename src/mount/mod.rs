@@ -335,6 +335,10 @@ fn mount_foreground(image: &Path, mountpoint: &Path, threads: u16, settings: Set
     };
     // Before any request is served: workers start in session.run() below.
     notifier_slot.set(session.notifier()).ok();
+    stats.set_transport(session.transport_stats());
+    if session.io_uring() {
+        log::info!("serving FUSE requests over io_uring (one queue per possible CPU)");
+    }
     match mount_device(&mp) {
         Some(dev) => {
             if let Err(e) = crate::scrub::serve(&dev, stats_engine.clone()) {

@@ -67,6 +67,12 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
                       let the kernel cache writes [off]
   no_readdirplus, no_clone_fd, no_pin_threads, max_write=BYTES
                       FUSE tuning (docs/fuse.md)
+  io_uring, no_io_uring
+                      serve FUSE requests over io_uring, one thread pinned
+                      per CPU (Linux 6.14+) [off]. Needs the machine-wide
+                      switch /sys/module/fuse/parameters/enable_uring on,
+                      which only root can set and mmapfs never sets; when
+                      it is off, a warning says so and /dev/fuse is used
   read_ahead_kb=N, max_ratio=N, strict_limit=0|1, max_bytes=N
                       backing-device settings [max_ratio=40,strict_limit=0]
   fsname=NAME         the source /proc/mounts shows [the image's path]
@@ -120,6 +126,7 @@ impl Default for Settings {
                 readdirplus: true,
                 max_write: MAX_WRITE,
                 ownership: Ownership::default(),
+                io_uring: false,
             },
             clone_fd: true,
             pin_threads: true,
@@ -193,6 +200,8 @@ impl Settings {
             "noacl" => flag(&mut self.kernel.acl, false),
             "no_clone_fd" => flag(&mut self.clone_fd, false),
             "no_pin_threads" => flag(&mut self.pin_threads, false),
+            "io_uring" => flag(&mut self.kernel.io_uring, true),
+            "no_io_uring" => flag(&mut self.kernel.io_uring, false),
             "remount" => Err(
                 "remount is not supported: unmount, then mount with the new \
                               options"

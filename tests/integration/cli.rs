@@ -427,7 +427,9 @@ fn worker_cpus(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
         let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("fuser-") {
+        // The /dev/fuse workers; with -o io_uring the rings' threads (`fuser-uring-N`, always
+        // pinned, one per possible CPU) run beside them.
+        if !comm.starts_with("fuser-") || comm.starts_with("fuser-uring-") {
             continue;
         }
         let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();

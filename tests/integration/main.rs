@@ -8,6 +8,7 @@ mod concurrency;
 mod crash;
 mod damage;
 mod data;
+mod io_uring;
 mod mounting;
 mod persistence;
 mod posix;

@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 /// The filesystem binary under test (built by cargo for this test target).
 pub const BIN: &str = env!("CARGO_BIN_EXE_mmapfs");
 
+/// Extra `-o` options for every mount the harness makes, after the test's own: runs the whole
+/// suite in another configuration, e.g. `MMAPFS_TEST_MOUNT_OPTIONS=io_uring` (with
+/// /sys/module/fuse/parameters/enable_uring set to 1 for the run).
+pub const EXTRA_OPTIONS_ENV: &str = "MMAPFS_TEST_MOUNT_OPTIONS";
+
 /// How long a mount may take to appear or a daemon to exit.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,8 +128,12 @@ impl Mount {
             .expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.arg("mount").arg("--foreground");
-        if !self.options.is_empty() {
-            cmd.arg("-o").arg(self.options.join(","));
+        let mut options = self.options.clone();
+        if let Some(extra) = std::env::var_os(EXTRA_OPTIONS_ENV) {
+            options.push(extra.to_string_lossy().into_owned());
+        }
+        if !options.is_empty() {
+            cmd.arg("-o").arg(options.join(","));
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg(&self.image)
