@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 seeds=${1:-200}
 echo "power-cut soak: $seeds seeds"
 start=$SECONDS
+# The test's status, not grep's (`|| true` would have reset PIPESTATUS to grep's alone).
+set +e
 MMAPFS_POWERCUT_SEEDS=$seeds cargo test --release --test powercut power_cuts -- --nocapture 2>&1 |
-    grep -E "seeds|crash images|panicked|seed [0-9]+:|test result" || true
+    grep -E "seeds|crash images|panicked|seed [0-9]+:|test result"
 status=${PIPESTATUS[0]}
+set -e
 echo "power-cut soak: $((SECONDS - start)) s, exit $status"
 exit "$status"

@@ -154,7 +154,8 @@ impl Engine {
 
     /// Validates a block number read from the image.
     fn check_block(&self, block: u64, what: &str) -> Result<u64> {
-        if block == 0 || block >= self.img.len() / BLOCK_SIZE || block >= MAX_BLOCKS {
+        // Blocks 0 and 1 are the superblock slots: no pointer may name them.
+        if block < 2 || block >= self.img.len() / BLOCK_SIZE || block >= MAX_BLOCKS {
             return Err(self.corrupt(format!("{what}: block {block} out of range")));
         }
         Ok(block)

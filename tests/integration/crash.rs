@@ -968,3 +968,46 @@ fn bit_rot_in_tree_nodes_and_bitmaps_is_caught_before_use() {
     }
     m.finish();
 }
+
+/// A file's data pointer naming a superblock slot (block 1, checksums recomputed) is refused:
+/// reads give EIO instead of superblock bytes, a write does not reach the slot, and repair
+/// converges.
+#[test]
+fn a_data_pointer_to_a_superblock_slot_is_refused() {
+    const TREE: usize = 96;
+    let mut m = Mount::new();
+    fs::write(m.p("f"), pattern(3, 0, 4096)).unwrap();
+    fs::write(m.p("other"), b"untouched").unwrap();
+    let ino = fs::metadata(m.p("f")).unwrap().ino();
+    m.settle();
+    let mut bytes = fs::read(m.image()).unwrap();
+    let rec = inode_offset(&bytes, ino);
+    let packed = u64::from_le_bytes(bytes[rec + TREE..rec + TREE + 8].try_into().unwrap());
+    assert_eq!(packed >> 56, 1, "a one-level tree");
+    let node = (packed & ((1 << 56) - 1)) as usize * 4096;
+    bytes[node..node + 8].copy_from_slice(&1u64.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[node..node + 4092]);
+    bytes[node + 4092..node + 4096].copy_from_slice(&crc.to_le_bytes());
+    let slot1 = bytes[4096..8192].to_vec();
+    fs::write(m.image(), &bytes).unwrap();
+    m.mount();
+    let err = fs::read(m.p("f")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let _ = OpenOptions::new()
+        .write(true)
+        .open(m.p("f"))
+        .and_then(|mut f| f.write_all(&[0xAA; 4096]));
+    assert_eq!(fs::read(m.p("other")).unwrap(), b"untouched");
+    m.unmount();
+    let now = fs::read(m.image()).unwrap();
+    // Slot 1 may hold a newer commit, but never the file's bytes.
+    assert!(
+        now[4096..8192] == slot1[..] || now[4096..4104] == *b"MMAPFS\0\x1a",
+        "superblock slot 1 was overwritten"
+    );
+    fsck_repair(m.image());
+    fsck(m.image());
+    m.mount();
+    assert_eq!(fs::read(m.p("other")).unwrap(), b"untouched");
+    m.finish();
+}
