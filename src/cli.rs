@@ -447,16 +447,27 @@ fn info(image: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn scrub(mountpoint: &Path) -> ExitCode {
-    let text = mount::device_of(mountpoint).and_then(|dev| crate::scrub::request(&dev));
-    let text = match text {
-        Ok(t) => t,
-        Err(e) => {
-            return fail(format!(
-                "{}: cannot reach the daemon ({e}); is it an mmapfs mount point?",
+/// The reply of the daemon serving `mountpoint` to `request` (given the mount's device), or
+/// the exit of a command that could not get one (`what` says what is missing).
+fn from_daemon(
+    mountpoint: &Path,
+    what: &str,
+    request: fn(&str) -> std::io::Result<String>,
+) -> Result<String, ExitCode> {
+    mount::device_of(mountpoint)
+        .and_then(|dev| request(&dev))
+        .map_err(|e| {
+            fail(format!(
+                "{}: {what} ({e}); is it an mmapfs mount point?",
                 mountpoint.display()
-            ));
-        }
+            ))
+        })
+}
+
+fn scrub(mountpoint: &Path) -> ExitCode {
+    let text = match from_daemon(mountpoint, "cannot reach the daemon", crate::scrub::request) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
     let last = text.lines().last().unwrap_or("");
     if last == crate::scrub::CLEAN {
@@ -483,15 +494,9 @@ fn scrub(mountpoint: &Path) -> ExitCode {
 }
 
 fn stats(mountpoint: &Path, prometheus: bool) -> ExitCode {
-    let text = mount::device_of(mountpoint).and_then(|dev| crate::stats::fetch(&dev));
-    let text = match text {
+    let text = match from_daemon(mountpoint, "no live statistics", crate::stats::fetch) {
         Ok(t) => t,
-        Err(e) => {
-            return fail(format!(
-                "{}: no live statistics ({e}); is it an mmapfs mount point?",
-                mountpoint.display()
-            ));
-        }
+        Err(code) => return code,
     };
     if prometheus {
         print!("{text}");

@@ -963,13 +963,10 @@ fn fallback_of(fix: &Fix) -> Option<Fix> {
     }
 }
 
-/// The inode a fix works on the contents of, if any.
+/// The inode a fix works on the contents of, if any: the one its fallback would empty.
 fn contents_of(fix: &Fix) -> Option<u64> {
-    match *fix {
-        Fix::SalvageDir(d) | Fix::Reindex(d) | Fix::DropEntry(d, _) | Fix::RenameEntry(d, ..) => {
-            Some(d)
-        }
-        Fix::RewriteTree(ino) => Some(ino),
+    match fallback_of(fix) {
+        Some(Fix::DropTree(ino)) => Some(ino),
         _ => None,
     }
 }

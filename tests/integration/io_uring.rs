@@ -5,13 +5,13 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
 use crate::common::{BIN, Mount, describe, run};
+use crate::posix::{getxattr, listxattr, removexattr, set_xattr};
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 const LOCK: &str = "/tmp/mmapfs-test-enable-uring.lock";
@@ -97,57 +97,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn xattr_set(p: &Path, name: &str, value: &[u8]) {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid path, name and value buffer.
-    let r = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
-}
-
-fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid path and name; the buffer holds its length.
-    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    (r >= 0).then(|| {
-        buf.truncate(r as usize);
-        buf
-    })
-}
-
-fn xattr_list(p: &Path) -> Vec<String> {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid path and buffer.
-    let r = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
-    let mut names: Vec<String> = buf[..r as usize]
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-fn xattr_remove(p: &Path, name: &str) {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid path and name.
-    let r = unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) };
-    assert_eq!(r, 0, "removexattr: {}", std::io::Error::last_os_error());
-}
-
 /// Stores through a `MAP_SHARED` mapping of `f`'s first `len` bytes, then `msync(MS_SYNC)`.
 fn mmap_store(f: &File, len: usize, at: usize, data: &[u8]) {
     // SAFETY: a fresh shared mapping of an open descriptor, unmapped below; `at + data.len()`
@@ -176,10 +125,10 @@ fn verify(m: &Mount) {
     mapped[4096..4096 + 11].copy_from_slice(b"mapped-page");
     assert_eq!(fs::read(m.p("mapped")).unwrap(), mapped);
     assert_eq!(
-        xattr_get(&m.p("dir/renamed"), "user.kept").as_deref(),
+        getxattr(&m.p("dir/renamed"), "user.kept").ok().as_deref(),
         Some(&pattern(3, 3000)[..])
     );
-    assert_eq!(xattr_get(&m.p("dir/renamed"), "user.gone"), None);
+    assert_eq!(getxattr(&m.p("dir/renamed"), "user.gone").ok(), None);
     let mut names: Vec<String> = fs::read_dir(m.p("many"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -237,12 +186,12 @@ fn exercise(m: &Mount) {
 
     // Extended attributes.
     let p = m.p("dir/renamed");
-    xattr_set(&p, "user.kept", &pattern(3, 3000));
-    xattr_set(&p, "user.gone", b"bye");
-    assert_eq!(xattr_list(&p), ["user.gone", "user.kept"]);
-    assert_eq!(xattr_get(&p, "user.gone").as_deref(), Some(&b"bye"[..]));
-    xattr_remove(&p, "user.gone");
-    assert_eq!(xattr_get(&p, "user.gone"), None);
+    set_xattr(&p, "user.kept", &pattern(3, 3000));
+    set_xattr(&p, "user.gone", b"bye");
+    assert_eq!(listxattr(&p), ["user.gone", "user.kept"]);
+    assert_eq!(getxattr(&p, "user.gone").ok().as_deref(), Some(&b"bye"[..]));
+    removexattr(&p, "user.gone").unwrap();
+    assert_eq!(getxattr(&p, "user.gone").ok(), None);
 
     // A directory listing that takes several READDIR(PLUS) requests.
     fs::create_dir(m.p("many")).unwrap();

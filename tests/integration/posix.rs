@@ -657,7 +657,7 @@ pub fn listxattr(p: &Path) -> Vec<String> {
     names
 }
 
-fn removexattr(p: &Path, name: &str) -> Result<(), i32> {
+pub fn removexattr(p: &Path, name: &str) -> Result<(), i32> {
     let n = std::ffi::CString::new(name).unwrap();
     // SAFETY: valid path and name.
     check(unsafe { libc::lremovexattr(cpath(p).as_ptr(), n.as_ptr()) }).map(|_| ())
