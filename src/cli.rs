@@ -311,9 +311,7 @@ fn fsck(image: &Path, repair: bool, force: bool) -> ExitCode {
     if let Some(why) = &rec.rolled_back {
         println!("recovery: {why}");
     }
-    if let Some(why) = &rec.other_slot {
-        println!("note: {why}");
-    }
+    // (A damaged other slot is one of the check's problems.)
     if repair {
         match engine.free_orphans() {
             Ok(0) => {}

@@ -71,6 +71,9 @@ enum Fix {
     SetBlocks(u64, u64),
     SetSize(u64, u64),
     SetParent(u64, u64),
+    /// Fields the inode's type does not use (directory fields of other inodes, reserved
+    /// bytes, unknown flag bits) hold values: set to 0.
+    ClearUnused(u64),
     /// An inode-table leaf whose trailer is damaged: copied (and so resealed) as it is.
     RewriteLeaf(u64),
     /// A file tree with a damaged node: every node copied (resealed).
@@ -90,6 +93,16 @@ enum Fix {
     /// Bitmap corrections: owned blocks marked free, free blocks marked used.
     MarkUsed(Vec<(u64, u64)>),
     MarkFree(Vec<(u64, u64)>),
+    /// List links (free list, orphan list) on a used inode that is not on that list.
+    ClearListLinks(u64),
+    /// Nanosecond fields of 10^9 or more: set to the largest valid value.
+    ClampTimes(u64),
+    /// Indexed attributes exist but the superblock's incompat bit for them is clear.
+    EnableIndexedXattrs,
+    /// The superblock slot the state is not in is damaged: the next commit rewrites it.
+    Recommit,
+    /// The superblock's next generation number is not above every inode's: raised.
+    SetNextGeneration(u64),
     /// Counter corrections (true value minus recorded value).
     Counters {
         free_blocks: i64,
@@ -180,6 +193,9 @@ impl Walk<'_> {
                 self.dir_who(*ino),
                 self.dir_who(*p)
             ),
+            Fix::ClearUnused(ino) => {
+                format!("cleared the unused fields of {}", self.who(*ino))
+            }
             Fix::RewriteLeaf(leaf) => format!("resealed inode-table block {leaf}"),
             Fix::RewriteTree(ino) => format!("resealed the block tree of {}", self.who(*ino)),
             Fix::RebuildOrphans => "rebuilt the list of files unlinked while open".to_string(),
@@ -190,6 +206,15 @@ impl Walk<'_> {
             Fix::RebuildBitmap(g, _) => {
                 format!("rewrote the damaged bitmap of group {g} from the blocks in use")
             }
+            Fix::ClearListLinks(ino) => {
+                format!("cleared the stray list links of {}", self.who(*ino))
+            }
+            Fix::ClampTimes(ino) => format!("corrected the timestamps of {}", self.who(*ino)),
+            Fix::EnableIndexedXattrs => {
+                "recorded in the superblock that the image uses indexed attributes".to_string()
+            }
+            Fix::Recommit => "rewrote the damaged superblock from the current state".to_string(),
+            Fix::SetNextGeneration(n) => format!("set the next generation number to {n}"),
             Fix::MarkUsed(r) if r.is_empty() => return None,
             Fix::MarkUsed(r) => format!("marked {} owned blocks used in the bitmaps", blocks(r)),
             Fix::MarkFree(r) if r.is_empty() => return None,
@@ -336,6 +361,18 @@ fn extent_problem(e: &Engine, rec: &Inode) -> Option<String> {
 /// a non-directory, an access ACL whose class entries disagree with the mode bits.
 fn acl_problems(e: &Engine, ino: u64, rec: &Inode) -> Vec<(String, Fix)> {
     let mut out = Vec::new();
+    for name in e.xattr_list(rec).unwrap_or_default() {
+        let known = [&b"user."[..], b"trusted.", b"security.", b"system."]
+            .iter()
+            .any(|ns| name.len() > ns.len() && name.starts_with(ns));
+        if !known {
+            let shown = String::from_utf8_lossy(&name).into_owned();
+            out.push((
+                format!("attribute {shown:?} has no namespace"),
+                Fix::DropAttr(ino, name),
+            ));
+        }
+    }
     for name in [acl::ACCESS, acl::DEFAULT] {
         let shown = String::from_utf8_lossy(name);
         let Ok(value) = e.xattr_get(rec, name) else {
@@ -363,7 +400,12 @@ fn acl_problems(e: &Engine, ino: u64, rec: &Inode) -> Vec<(String, Fix)> {
 
 /// Claims the blocks of an inode's extended attributes after verifying each and the stream;
 /// on any problem claims nothing and says why. Returns the blocks claimed.
-fn claim_xattrs(w: &mut Walk, e: &Engine, rec: &Inode) -> std::result::Result<u64, String> {
+fn claim_xattrs(
+    w: &mut Walk,
+    e: &Engine,
+    ino: u64,
+    rec: &Inode,
+) -> std::result::Result<u64, String> {
     let blocks = e.xattr_blocks(rec).map_err(|err| err.to_string())?;
     for (i, &b) in blocks.iter().enumerate() {
         let kind = if i == 0 {
@@ -372,6 +414,18 @@ fn claim_xattrs(w: &mut Walk, e: &Engine, rec: &Inode) -> std::result::Result<u6
             BlockKind::XattrData
         };
         w.meta_ok(b, kind)?;
+    }
+    // The block goes with the last attribute, so an empty one is damage.
+    if e.xattr_list(rec).map_err(|err| err.to_string())?.is_empty() {
+        return Err("an attribute block that holds no attributes".to_string());
+    }
+    if blocks.len() > 1 && e.superblock().incompat.get() & INCOMPAT_XATTR_INDEXED == 0 {
+        let who = w.who(ino);
+        w.problem(format!(
+            "{who} has attributes in the indexed form, but the superblock does not say the \
+             image uses it"
+        ));
+        w.fixes.push(Fix::EnableIndexedXattrs);
     }
     let mut claimed = Vec::new();
     for &b in &blocks {
@@ -407,6 +461,11 @@ fn size_problem(e: &Engine, ino: u64, rec: &Inode) -> Option<(String, Fix)> {
                 (why, Fix::FreeSlot(ino))
             })
         }
+        libc::S_IFDIR | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK
+            if size != 0 =>
+        {
+            Some((format!("size {size}, not 0"), Fix::SetSize(ino, 0)))
+        }
         libc::S_IFREG if size > MAX_FILE_SIZE => {
             let mut last = None;
             let _ = e.tree_visit(rec.tree.get(), &mut |_, is_content, fblock| {
@@ -437,7 +496,15 @@ fn dir_block_kind(fblock: u64) -> Option<BlockKind> {
 /// Runs the check; with `Repair`, fixes what it finds (the engine must be writable).
 pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
     if mode == Mode::Report {
-        return check_once(e).map(|(report, _)| report);
+        let mut report = check_once(e)?.0;
+        // (A repair clears the mark once the image is clean.)
+        if e.recovery().state == STATE_ERRORS {
+            report.problems.insert(
+                0,
+                "the image is marked as damaged (errors were seen while it was used)".into(),
+            );
+        }
+        return Ok(report);
     }
     let (mut found, mut repaired) = (Vec::new(), Vec::new());
     for _ in 0..REPAIR_ROUNDS {
@@ -487,6 +554,10 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
             "the file holds {} of the image's {total} blocks",
             e.image().len() / BLOCK_SIZE
         ));
+    }
+    if let Some(why) = e.other_slot_problem() {
+        w.problem(why);
+        w.fixes.push(Fix::Recommit);
     }
     w.claim(0);
     w.claim(1);
@@ -594,6 +665,7 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
 
     // Pass 3: per-inode checks.
     let mut unreachable = Vec::new();
+    let mut max_generation = 0;
     for ino in 1..slots {
         let i = ino as usize;
         if state[i] != Slot::Used {
@@ -656,6 +728,44 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
             w.problem(format!("{who}: {msg}"));
             w.fixes.push(fix);
         }
+        if let Some(msg) = unused_fields_problem(&rec) {
+            let who = w.who(ino);
+            w.problem(format!("{who}: {msg}"));
+            w.fixes.push(Fix::ClearUnused(ino));
+        }
+        let flagged = rec.flags.get() & INODE_FLAG_ORPHAN != 0;
+        if rec.next_free.get() != 0
+            || (!flagged && (rec.orphan_next.get() != 0 || rec.orphan_prev.get() != 0))
+        {
+            let who = w.who(ino);
+            w.problem(format!("{who} holds links of a list it is not on"));
+            w.fixes.push(Fix::ClearListLinks(ino));
+        }
+        let nsecs = [
+            rec.atime_nsec,
+            rec.mtime_nsec,
+            rec.ctime_nsec,
+            rec.btime_nsec,
+        ];
+        if nsecs.iter().any(|ns| ns.get() > 999_999_999) {
+            let who = w.who(ino);
+            w.problem(format!("{who}: a timestamp has 10^9 or more nanoseconds"));
+            w.fixes.push(Fix::ClampTimes(ino));
+        }
+        max_generation = max_generation.max(rec.generation.get());
+        if ino == ROOT_INO && rec.parent.get() != ROOT_INO {
+            w.problem(format!("the root directory records parent {}", rec.parent));
+            w.fixes.push(Fix::SetParent(ROOT_INO, ROOT_INO));
+        }
+        if reached[i] && rec.flags.get() & INODE_FLAG_ORPHAN != 0 && !orphans.contains(&ino) {
+            let who = w.who(ino);
+            w.problem(format!(
+                "{who} has a name but is flagged as unlinked while open"
+            ));
+            if !w.fixes.iter().any(|f| matches!(f, Fix::RebuildOrphans)) {
+                w.fixes.push(Fix::RebuildOrphans);
+            }
+        }
         if let Some(msg) = extent_problem(e, &rec) {
             let who = w.who(ino);
             w.problem(format!("{who}: {msg}"));
@@ -664,7 +774,7 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
         let mut owned = tree_blocks;
         let xb = rec.xattr_block.get();
         if xb != 0 {
-            match claim_xattrs(&mut w, e, &rec) {
+            match claim_xattrs(&mut w, e, ino, &rec) {
                 Ok(n) => {
                     owned += n;
                     for (msg, fix) in acl_problems(e, ino, &rec) {
@@ -702,6 +812,17 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
             w.fixes.push(Fix::SetLinks(ino, expected_links));
         }
         w.inodes += 1;
+    }
+    let next_generation = sb.next_generation.get();
+    // (An inode at the largest number leaves nothing to raise the counter to.)
+    if next_generation <= max_generation && max_generation < u64::MAX {
+        w.problem(format!(
+            "superblock's next generation number {next_generation} is not above the inodes' \
+             ({max_generation})"
+        ));
+        w.fixes.push(Fix::SetNextGeneration(
+            max_generation.checked_add(1).unwrap_or(1),
+        ));
     }
     // Unreachable inodes go to /lost+found; only the tops of unreachable subtrees need a name.
     let inside: BTreeSet<u64> = dir_entries.values().flatten().copied().collect();
@@ -758,7 +879,20 @@ fn check_once(e: &Engine) -> Result<(Report, Fixes)> {
     };
     for g in 0..total.div_ceil(GROUP_BLOCKS) {
         let (first, end) = (g * GROUP_BLOCKS, ((g + 1) * GROUP_BLOCKS).min(total));
-        if e.group_damaged(g) {
+        let damaged = e.group_damaged(g);
+        // Bits past the image's end must be 0: growing the image counts those blocks free.
+        let mut past_end = 0;
+        if !damaged {
+            for b in end..(g + 1) * GROUP_BLOCKS {
+                past_end += u64::from(e.in_use_now(b)?);
+            }
+        }
+        if past_end > 0 {
+            w.problem(format!(
+                "the bitmap of group {g} marks {past_end} blocks past the image's end used"
+            ));
+        }
+        if damaged || past_end > 0 {
             // Its bits cannot be compared: it is rewritten from ownership.
             let mut owned = Vec::new();
             for b in first..end {
@@ -863,6 +997,17 @@ fn walk_dir(
         let who = w.dir_who(dino);
         w.problem(format!("{who}: {err}"));
         w.fixes.push(Fix::SalvageDir(dino));
+    } else {
+        let layout = e
+            .dir_layout_problems(&dir)
+            .unwrap_or_else(|err| vec![err.to_string()]);
+        for problem in &layout {
+            let who = w.dir_who(dino);
+            w.problem(format!("{who}: {problem}"));
+        }
+        if !layout.is_empty() {
+            w.fixes.push(Fix::SalvageDir(dino));
+        }
     }
     let mut index_ok = dir.dir_live.get() == entries.len() as u64;
     let mut names = BTreeSet::new();
@@ -949,6 +1094,34 @@ fn walk_dir(
 }
 
 /// Applies fixes in one transaction per fix (each is small and independent).
+/// Inode flag bits with a meaning (the rest must be 0).
+const KNOWN_FLAGS: u32 = INODE_FLAG_ORPHAN | INODE_FLAG_NOATIME | INODE_FLAG_NODUMP;
+
+/// Values in fields the inode does not use: unknown flag bits, reserved bytes, and the
+/// directory fields of an inode that is not a directory.
+fn unused_fields_problem(rec: &Inode) -> Option<String> {
+    let unknown = rec.flags.get() & !KNOWN_FLAGS;
+    if unknown != 0 {
+        return Some(format!("unknown flag bits {unknown:#x}"));
+    }
+    if rec.reserved.iter().any(|&b| b != 0) {
+        return Some("reserved bytes are not 0".to_string());
+    }
+    let dir_fields = [
+        rec.parent.get(),
+        rec.dir_entries_end.get(),
+        rec.dir_live.get(),
+        rec.dir_tomb_bytes.get(),
+        rec.dir_hash_cap.get(),
+        rec.dir_hash_used.get(),
+        u64::from(rec.dir_hash_area.get()),
+    ];
+    if !rec.is_dir() && dir_fields.iter().any(|&v| v != 0) {
+        return Some("directory fields set on an inode that is not a directory".to_string());
+    }
+    None
+}
+
 /// What to do instead when `fix` finds the object too damaged to repair in place: a
 /// directory or file whose tree cannot be read is emptied (its entries' inodes then go to
 /// /lost+found), attributes that cannot be read are dropped.
@@ -1015,6 +1188,21 @@ fn apply_one(e: &Engine, tx: &super::Tx, fix: Fix) -> Result<()> {
                 e.adjust_used_inodes(used_inodes);
             }
             Fix::RebuildBitmap(g, used) => e.rewrite_bitmap(g, &used)?,
+            // The round's commit writes the slot the state is not in.
+            Fix::Recommit => e.mark_superblock_dirty(),
+            Fix::EnableIndexedXattrs => e.enable_incompat(INCOMPAT_XATTR_INDEXED),
+            Fix::ClearListLinks(ino) => e.clear_list_links(tx, ino)?,
+            Fix::ClampTimes(ino) => with_inode(e, tx, ino, |rec| {
+                for ns in [
+                    &mut rec.atime_nsec,
+                    &mut rec.mtime_nsec,
+                    &mut rec.ctime_nsec,
+                    &mut rec.btime_nsec,
+                ] {
+                    *ns = ns.get().min(999_999_999).into();
+                }
+            })?,
+            Fix::SetNextGeneration(n) => e.set_next_generation(n),
             Fix::MarkUsed(ranges) => {
                 for (s, l) in ranges {
                     e.mark_used(s, l);
@@ -1054,6 +1242,13 @@ fn apply_one(e: &Engine, tx: &super::Tx, fix: Fix) -> Result<()> {
             Fix::SetLinks(ino, n) => with_inode(e, tx, ino, |rec| rec.nlink = n.into())?,
             Fix::SetSize(ino, n) => with_inode(e, tx, ino, |rec| rec.size = n.into())?,
             Fix::SetParent(ino, p) => with_inode(e, tx, ino, |rec| rec.parent = p.into())?,
+            Fix::ClearUnused(ino) => with_inode(e, tx, ino, |rec| {
+                rec.flags = (rec.flags.get() & KNOWN_FLAGS).into();
+                rec.reserved = [0; 64];
+                if !rec.is_dir() {
+                    e.dir_init(rec, 0);
+                }
+            })?,
             Fix::SalvageDir(dino) => {
                 let mut dir = e.read_inode(dino)?;
                 e.dir_salvage(tx, &mut dir)?;

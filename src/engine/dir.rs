@@ -33,6 +33,24 @@ fn plausible_record(h: &DirentHeader, in_block: u64) -> bool {
         && in_block + rec_len <= PAYLOAD_SIZE
 }
 
+/// The record header at payload offset `p` of a block's bytes, if one fits there.
+fn header_at(bytes: &[u8], p: u64) -> Option<DirentHeader> {
+    let at = usize::try_from(p).ok()?;
+    DirentHeader::read_from_bytes(bytes.get(at..at + DIRENT_HEADER_SIZE as usize)?).ok()
+}
+
+/// Whether a record whose lengths fit and whose checksum matches starts at payload offset `p`.
+fn valid_record_at(bytes: &[u8], p: u64) -> bool {
+    header_at(bytes, p).is_some_and(|h| {
+        let name_at = (p + DIRENT_HEADER_SIZE) as usize;
+        h.rec_len.get() != 0
+            && plausible_record(&h, p)
+            && bytes
+                .get(name_at..name_at + usize::from(h.name_len))
+                .is_some_and(|name| dirent_checksum(&h, name) == h.checksum.get())
+    })
+}
+
 /// One live directory entry.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -153,7 +171,9 @@ impl Engine {
         if cap == 0 {
             return Ok(None);
         }
-        if !cap.is_power_of_two() || cap > DIR_INDEX_AREA_BLOCKS * DIR_INDEX_SLOTS_PER_BLOCK {
+        if !cap.is_power_of_two()
+            || !(MIN_INDEX_SLOTS..=DIR_INDEX_AREA_BLOCKS * DIR_INDEX_SLOTS_PER_BLOCK).contains(&cap)
+        {
             return Err(self.corrupt(format!("directory index size {cap}")));
         }
         let hash = name_hash(self.hash_seed, name);
@@ -200,6 +220,26 @@ impl Engine {
         new_cap.next_power_of_two().saturating_mul(2) / DIR_INDEX_SLOTS_PER_BLOCK + 8
     }
 
+    /// Whether the next insert may write its record at `dir_entries_end`: a damaged end
+    /// offset must not make it write over a record, nor where no listing would find it. The
+    /// position is 8-aligned, and its header bytes are unused, or it starts a block that is a
+    /// hole. (A record that would not fit goes to the next block's start instead.)
+    fn append_position_free(&self, dir: &Inode) -> Result<bool> {
+        let off = dir.dir_entries_end.get();
+        if !off.is_multiple_of(8) {
+            return Ok(false);
+        }
+        if off % BLOCK_SIZE + DIRENT_HEADER_SIZE > PAYLOAD_SIZE {
+            return Ok(true);
+        }
+        Ok(
+            match self.dir_bytes(dir, off, DIRENT_HEADER_SIZE as usize)? {
+                Some(b) => b.iter().all(|&x| x == 0),
+                None => off.is_multiple_of(BLOCK_SIZE),
+            },
+        )
+    }
+
     /// Appends an entry (the caller checked that `name` is absent).
     pub fn dir_insert(
         &self,
@@ -229,6 +269,12 @@ impl Engine {
         }
         if off + rec_len > ENTRIES_LIMIT.min(DIR_ENTRY_BLOCKS * BLOCK_SIZE) {
             return Err(Error::NoSpace);
+        }
+        if !self.append_position_free(dir)? {
+            return Err(self.corrupt(format!(
+                "directory entries end at {}, which is not where its records end",
+                dir.dir_entries_end
+            )));
         }
         let hash = name_hash(self.hash_seed, name);
         let mut rec = vec![0u8; rec_len as usize];
@@ -473,13 +519,19 @@ impl Engine {
         dir.dir_hash_area = 0.into();
     }
 
-    /// Repair: makes every block of the entry region parse. A damaged record is turned into a
-    /// deleted one reaching to the next plausible record of its block (or the block is ended
-    /// there), so the records around it survive. Returns how many damaged spots were cut out.
+    /// Repair: makes every block of the entry region parse and agree with `dir_entries_end`.
+    /// A damaged record is turned into a deleted one reaching to the next valid record of its
+    /// block (or the block is ended there), so the records around it survive; a record whose
+    /// length hides a valid record behind its name is cut back to its name; a block whose
+    /// checksum fails is rewritten (its records have their own checksums); the end offset is
+    /// set to where the records end, and blocks past it are dropped. Returns how many damaged
+    /// spots were fixed.
     pub(super) fn dir_salvage(&self, tx: &Tx, dir: &mut Inode) -> Result<u64> {
         let end = dir.dir_entries_end.get().min(DIR_ENTRY_BLOCKS * BLOCK_SIZE);
         let mut cut = 0;
-        for block in 0..end.div_ceil(BLOCK_SIZE) {
+        let mut records_end = 0;
+        let mut tomb_bytes = 0;
+        for block in self.dir_entry_blocks(dir, end)? {
             let base = block * BLOCK_SIZE;
             let bytes = match self.dir_bytes(dir, base, PAYLOAD_SIZE as usize) {
                 Ok(Some(b)) => b.to_vec(),
@@ -491,36 +543,46 @@ impl Engine {
                     continue;
                 }
             };
-            let header_at = |p: u64| {
-                DirentHeader::read_from_bytes(&bytes[p as usize..(p + DIRENT_HEADER_SIZE) as usize])
-                    .ok()
-            };
-            // A record whose lengths fit and whose checksum matches.
-            let valid_at = |p: u64| {
-                header_at(p).is_some_and(|h| {
-                    let name_at = (p + DIRENT_HEADER_SIZE) as usize;
-                    h.rec_len.get() != 0
-                        && plausible_record(&h, p)
-                        && dirent_checksum(&h, &bytes[name_at..name_at + usize::from(h.name_len)])
-                            == h.checksum.get()
-                })
-            };
+            if let Some(b) = self.tree_lookup(dir.tree.get(), block)?
+                && self.verify_block(b).is_err()
+            {
+                // Rewriting a byte copies the block into this transaction, which seals it.
+                self.dir_write(tx, dir, base, &bytes[..1])?;
+                cut += 1;
+            }
             let mut p = 0u64;
             while p + DIRENT_HEADER_SIZE <= PAYLOAD_SIZE {
-                let Some(h) = header_at(p) else { break };
+                let Some(h) = header_at(&bytes, p) else { break };
                 if h.rec_len.get() == 0 {
                     break;
                 }
-                if valid_at(p) {
-                    p += u64::from(h.rec_len.get());
+                if valid_record_at(&bytes, p) {
+                    let tight = dirent_rec_len(usize::from(h.name_len));
+                    let len = if u64::from(h.rec_len.get()) > tight
+                        && valid_record_at(&bytes, p + tight)
+                    {
+                        let name_at = (p + DIRENT_HEADER_SIZE) as usize;
+                        let name = &bytes[name_at..name_at + usize::from(h.name_len)];
+                        let fixed = DirentHeader::sealed(h.ino.get(), tight, h.kind, name);
+                        self.dir_write(tx, dir, base + p, fixed.as_bytes())?;
+                        cut += 1;
+                        tight
+                    } else {
+                        u64::from(h.rec_len.get())
+                    };
+                    if h.ino.get() == 0 {
+                        tomb_bytes += len;
+                    }
+                    p += len;
+                    records_end = base + p;
                     continue;
                 }
                 cut += 1;
-                // Next 8-aligned offset holding a plausible record, far enough to leave room
-                // for a deleted record (header and a one-byte name).
+                // Next 8-aligned offset holding a valid record, far enough to leave room for a
+                // deleted record (header and a one-byte name).
                 let mut q = p + dirent_rec_len(1);
                 while q + DIRENT_HEADER_SIZE <= PAYLOAD_SIZE {
-                    if valid_at(q) {
+                    if valid_record_at(&bytes, q) {
                         break;
                     }
                     q += 8;
@@ -542,10 +604,108 @@ impl Engine {
                 if filler.rec_len.get() == 0 {
                     break;
                 }
+                tomb_bytes += q - p;
                 p = q;
+                records_end = base + p;
             }
         }
+        if records_end != dir.dir_entries_end.get() {
+            cut += 1;
+            let keep = records_end.div_ceil(BLOCK_SIZE);
+            self.punch_blocks(tx, dir, keep, end.div_ceil(BLOCK_SIZE).max(keep))?;
+            dir.dir_entries_end = records_end.into();
+        }
+        dir.dir_tomb_bytes = tomb_bytes.into();
+        // The next insert goes at the end: what lies there (the rest of a record cut off) is
+        // cleared so it reads as the end of the block's records.
+        if !self.append_position_free(dir)? {
+            self.dir_write(tx, dir, records_end, &[0; DIRENT_HEADER_SIZE as usize])?;
+            cut += 1;
+        }
         Ok(cut)
+    }
+
+    /// The mapped blocks of the entry region below byte `end` (runs of holes are skipped in
+    /// one step, so a huge damaged end offset costs little).
+    fn dir_entry_blocks(&self, dir: &Inode, end: u64) -> Result<Vec<u64>> {
+        let last = end.min(DIR_ENTRY_BLOCKS * BLOCK_SIZE).div_ceil(BLOCK_SIZE);
+        let mut blocks = Vec::new();
+        let mut block = 0;
+        while block < last {
+            let run = self.tree_lookup_run(dir.tree.get(), block, last - block)?;
+            let len = run.len.max(1).min(last - block);
+            if run.start.is_some() {
+                blocks.extend(block..block + len);
+            }
+            block += len;
+        }
+        Ok(blocks)
+    }
+
+    /// Check: what is wrong with the layout of the entry region that reading it does not
+    /// notice: records whose length hides valid records behind their names, and an end offset
+    /// that is not where the records end (an insert there would write over a record, or where
+    /// no listing reaches). Empty when the region is sound.
+    pub(super) fn dir_layout_problems(&self, dir: &Inode) -> Result<Vec<String>> {
+        let end = dir.dir_entries_end.get();
+        let mut problems = Vec::new();
+        if end > DIR_ENTRY_BLOCKS * BLOCK_SIZE {
+            problems.push(format!("entries end at {end}, past the entry region"));
+            return Ok(problems);
+        }
+        let mut records_end = 0;
+        let mut tomb_bytes = 0;
+        for block in self.dir_entry_blocks(dir, end)? {
+            let base = block * BLOCK_SIZE;
+            let Some(bytes) = self.dir_bytes(dir, base, PAYLOAD_SIZE as usize)? else {
+                continue;
+            };
+            let mut p = 0u64;
+            while let Some(h) = header_at(bytes, p).filter(|_| valid_record_at(bytes, p)) {
+                if h.ino.get() == 0 {
+                    tomb_bytes += u64::from(h.rec_len.get());
+                }
+                let tight = dirent_rec_len(usize::from(h.name_len));
+                if u64::from(h.rec_len.get()) > tight && valid_record_at(bytes, p + tight) {
+                    problems.push(format!(
+                        "record at {} has length {} and hides the record after it",
+                        base + p,
+                        h.rec_len
+                    ));
+                }
+                p += u64::from(h.rec_len.get());
+                records_end = base + p;
+            }
+        }
+        if records_end != end {
+            problems.push(format!(
+                "entries end at {end}, but the records end at {records_end}"
+            ));
+        } else if !self.append_position_free(dir)? {
+            problems.push(format!(
+                "the bytes at the end of the entries, {end}, are not free"
+            ));
+        }
+        if tomb_bytes != dir.dir_tomb_bytes.get() {
+            problems.push(format!(
+                "deleted records hold {tomb_bytes} bytes, the directory counts {}",
+                dir.dir_tomb_bytes
+            ));
+        }
+        let cap = dir.dir_hash_cap.get();
+        if cap.is_power_of_two() && cap <= DIR_INDEX_AREA_BLOCKS * DIR_INDEX_SLOTS_PER_BLOCK {
+            let mut used = 0;
+            for idx in 0..cap {
+                used += u64::from(self.load_index_slot(dir, idx)? != 0);
+            }
+            if used != dir.dir_hash_used.get() {
+                problems.push(format!(
+                    "{used} index slots are in use, the directory counts {}",
+                    dir.dir_hash_used
+                ));
+            }
+        }
+        Ok(problems)
     }
 
     /// Rebuilds a directory's index from its entry records (repair).

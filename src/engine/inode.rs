@@ -274,7 +274,7 @@ impl Engine {
             self.grow_inode_table(tx, &mut it)?;
         }
         let ino = it.free_head;
-        let free = self.record_locked(&it, ino)?;
+        let free = self.list_record(&it, ino, "free inode list")?;
         if !free.is_free() {
             return Err(self.corrupt(format!("free inode list points at used inode {ino}")));
         }
@@ -289,7 +289,8 @@ impl Engine {
         set_all_times_now(&mut rec);
         self.put_record(tx, &mut it, ino, &mut rec)?;
         it.free_head = free.next_free.get();
-        it.next_generation = generation + 1;
+        // Wraps rather than overflows on a damaged counter (0 stays unused).
+        it.next_generation = generation.checked_add(1).unwrap_or(1);
         it.used += 1;
         drop(it);
         // A fresh inode: no kernel references, nothing pending from an earlier life.
@@ -360,6 +361,40 @@ impl Engine {
         Ok(())
     }
 
+    /// The record a list link (free list, orphan list) names: a link to a slot that does
+    /// not exist is damage (EIO), not a missing file (ENOENT).
+    fn list_record(&self, it: &ItabState, ino: u64, list: &str) -> Result<Inode> {
+        match self.record_locked(it, ino) {
+            Err(Error::NotFound) => {
+                Err(self.corrupt(format!("{list} names inode {ino}, past the table")))
+            }
+            r => r,
+        }
+    }
+
+    /// Repair: clears list links a used inode may not hold (`next_free` always, the orphan
+    /// links unless it is flagged as an orphan).
+    pub(super) fn clear_list_links(&self, tx: &Tx, ino: u64) -> Result<()> {
+        let mut it = self.itab.lock();
+        let mut rec = self.record_locked(&it, ino)?;
+        if rec.is_free() {
+            return Ok(());
+        }
+        rec.next_free = 0.into();
+        if rec.flags.get() & INODE_FLAG_ORPHAN == 0 {
+            rec.orphan_next = 0.into();
+            rec.orphan_prev = 0.into();
+        }
+        self.put_record(tx, &mut it, ino, &mut rec)?;
+        Ok(())
+    }
+
+    /// Repair: sets the generation number the next new inode gets.
+    pub(super) fn set_next_generation(&self, n: u64) {
+        self.itab.lock().next_generation = n;
+        *self.misc_dirty.lock() = true;
+    }
+
     /// Puts an inode whose last name went away, but which the kernel still uses, on the orphan
     /// list: recovery frees it if the daemon stops before it does.
     pub fn orphan_add(&self, tx: &Tx, ino: u64) -> Result<()> {
@@ -370,7 +405,7 @@ impl Engine {
         }
         let head = it.orphan_head;
         if head != 0 {
-            let mut h = self.record_locked(&it, head)?;
+            let mut h = self.list_record(&it, head, "orphan list")?;
             h.orphan_prev = ino.into();
             self.put_record(tx, &mut it, head, &mut h)?;
         }
@@ -387,7 +422,7 @@ impl Engine {
         let mut rec = self.record_locked(it, ino)?;
         let (next, prev) = (rec.orphan_next.get(), rec.orphan_prev.get());
         if prev != 0 {
-            let mut p = self.record_locked(it, prev)?;
+            let mut p = self.list_record(it, prev, "orphan list")?;
             p.orphan_next = next.into();
             self.put_record(tx, it, prev, &mut p)?;
         } else {
@@ -397,7 +432,7 @@ impl Engine {
             it.orphan_head = next;
         }
         if next != 0 {
-            let mut n = self.record_locked(it, next)?;
+            let mut n = self.list_record(it, next, "orphan list")?;
             n.orphan_prev = prev.into();
             self.put_record(tx, it, next, &mut n)?;
         }

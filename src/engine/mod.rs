@@ -144,7 +144,7 @@ impl Engine {
 
     /// Records in the superblock (from the next commit on) that the image uses an incompatible
     /// feature.
-    fn enable_incompat(&self, flag: u32) {
+    pub(super) fn enable_incompat(&self, flag: u32) {
         let mut misc = self.misc.lock();
         if misc.incompat.get() & flag == 0 {
             misc.incompat = (misc.incompat.get() | flag).into();
@@ -171,6 +171,12 @@ impl Engine {
     /// `fsck --repair`.
     pub fn mark_damaged(&self) {
         self.errors.store(true, Ordering::Relaxed);
+        *self.misc_dirty.lock() = true;
+    }
+
+    /// Repair: makes the next commit happen even if nothing else changed (it rewrites the
+    /// superblock slot the state is not in).
+    pub(super) fn mark_superblock_dirty(&self) {
         *self.misc_dirty.lock() = true;
     }
 

@@ -116,7 +116,11 @@ fn read_slot(file: &File, slot: u64) -> Slot {
     if file.read_exact_at(&mut buf, block_off(slot)).is_err() {
         return Slot::Invalid(SlotProblem::Unreadable);
     }
-    let Ok(sb) = Superblock::read_from_bytes(&buf) else {
+    parse_slot(&buf)
+}
+
+fn parse_slot(buf: &[u8]) -> Slot {
+    let Ok(sb) = Superblock::read_from_bytes(buf) else {
         return Slot::Invalid(SlotProblem::Unreadable);
     };
     if sb.magic != MAGIC {
@@ -144,6 +148,9 @@ fn read_slot(file: &File, slot: u64) -> Slot {
 fn sanity(sb: &Superblock) -> std::result::Result<(), String> {
     if u64::from(sb.block_size.get()) != BLOCK_SIZE {
         return Err(format!("block size {} unsupported", sb.block_size));
+    }
+    if ![STATE_CLEAN, STATE_MOUNTED, STATE_ERRORS].contains(&sb.state.get()) {
+        return Err(format!("state {} unknown", sb.state));
     }
     let total = sb.total_blocks.get();
     if !(8..MAX_BLOCKS).contains(&total) {
@@ -175,6 +182,34 @@ fn sanity(sb: &Superblock) -> std::result::Result<(), String> {
         return Err(format!("commit list length {}", sb.list_len));
     }
     Ok(())
+}
+
+impl SlotProblem {
+    fn describe(&self, i: u64) -> String {
+        match self {
+            SlotProblem::Unreadable => format!("superblock {i} is unreadable"),
+            SlotProblem::BadMagic => format!("superblock {i} is not one"),
+            SlotProblem::Version(v) => format!("superblock {i} has format version {v}"),
+            SlotProblem::Features(f) => format!("superblock {i} has unknown features {f:#x}"),
+            SlotProblem::Damaged(w) => format!("superblock {i} is damaged: {w}"),
+        }
+    }
+}
+
+impl Engine {
+    /// Check: what is wrong with the superblock slot the state is not in, as it is now in
+    /// the image (the next commit writes that slot). A valid older commit there is fine.
+    pub(super) fn other_slot_problem(&self) -> Option<String> {
+        let other = 1 - self.txm.slot();
+        let bytes = match self.img.bytes(block_off(other), BLOCK_SIZE as usize) {
+            Ok(b) => b,
+            Err(_) => return Some(SlotProblem::Unreadable.describe(other)),
+        };
+        match parse_slot(bytes) {
+            Slot::Valid(_) => None,
+            Slot::Invalid(p) => Some(p.describe(other)),
+        }
+    }
 }
 
 /// How a commit's list compares with the blocks on disk.
@@ -285,15 +320,7 @@ fn choose_state(file: &File, p: &str) -> std::result::Result<Choice, OpenError> 
     order.sort_by_key(|(_, sb)| std::cmp::Reverse(sb.txn.get()));
     let describe = |i: usize| match &slots[i] {
         Slot::Valid(_) => None,
-        Slot::Invalid(SlotProblem::Unreadable) => Some(format!("superblock {i} is unreadable")),
-        Slot::Invalid(SlotProblem::BadMagic) => Some(format!("superblock {i} is not one")),
-        Slot::Invalid(SlotProblem::Version(v)) => {
-            Some(format!("superblock {i} has format version {v}"))
-        }
-        Slot::Invalid(SlotProblem::Features(f)) => {
-            Some(format!("superblock {i} has unknown features {f:#x}"))
-        }
-        Slot::Invalid(SlotProblem::Damaged(w)) => Some(format!("superblock {i} is damaged: {w}")),
+        Slot::Invalid(p) => Some(p.describe(i as u64)),
     };
     let (newest_slot, newest) = order[0];
     let other_slot = describe(1 - newest_slot as usize);

@@ -220,6 +220,11 @@ impl TxnManager {
     pub fn durable(&self) -> u64 {
         self.state.lock().durable
     }
+
+    /// The superblock slot the durable state is in.
+    pub fn slot(&self) -> u64 {
+        self.state.lock().durable_slot
+    }
 }
 
 /// One closed transaction on its way to the disk.

@@ -163,7 +163,7 @@ fn namespace(img: &V1Image) -> BTreeMap<String, (u64, u64, u8)> {
 #[test]
 fn v1_fixture_matches_manifest() {
     let tmp = fixture();
-    let img = V1Image::open(tmp.path()).unwrap();
+    let img = open_retrying(tmp.path()).unwrap();
     let man = manifest();
     let names = namespace(&img);
     assert_eq!(
@@ -248,7 +248,7 @@ fn v1_fixture_matches_manifest() {
 #[test]
 fn v1_extents_holes_and_bounds() {
     let tmp = fixture();
-    let img = V1Image::open(tmp.path()).unwrap();
+    let img = open_retrying(tmp.path()).unwrap();
     let man = manifest();
     let ino = |p: &str| man[p].num::<u64>("ino");
     const MIB: u64 = 1 << 20;
@@ -362,22 +362,26 @@ fn exercise(img: &V1Image) -> Vec<String> {
     errors
 }
 
+/// Opens the image, waiting out a lock that outlives its holder for a moment: a child another
+/// test forks (gzip, sha256sum) holds the previous open of this file until it execs.
+fn open_retrying(path: &Path) -> Result<V1Image, V1Error> {
+    let mut r = V1Image::open(path);
+    for _ in 0..50 {
+        if !matches!(r, Err(V1Error::Busy)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        r = V1Image::open(path);
+    }
+    r
+}
+
 /// Opens the image and exercises it on another thread; fails the test on a panic or a hang.
 fn exercise_path(path: &Path) -> Result<Vec<String>, V1Error> {
     let path = path.to_path_buf();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        // A lock can outlive its holder for a moment: a child another test forks (gzip,
-        // sha256sum) holds the previous open of this file until it execs.
-        let mut r = V1Image::open(&path).map(|img| exercise(&img));
-        for _ in 0..50 {
-            if !matches!(r, Err(V1Error::Busy)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            r = V1Image::open(&path).map(|img| exercise(&img));
-        }
-        let _ = tx.send(r);
+        let _ = tx.send(open_retrying(&path).map(|img| exercise(&img)));
     });
     rx.recv_timeout(Duration::from_secs(60))
         .expect("reader panicked or hung")
@@ -418,7 +422,7 @@ impl Damage {
     }
     /// Byte offset of inode `ino`'s record.
     fn inode_off(&self, ino: u64) -> u64 {
-        let img = V1Image::open(self.path()).unwrap();
+        let img = open_retrying(self.path()).unwrap();
         let b = img.block_of("t", img.itab, ino / 16).unwrap().unwrap();
         b * BLOCK + (ino % 16) * INODE_SIZE
     }
@@ -433,7 +437,7 @@ impl Damage {
 }
 
 fn open_err(path: &Path) -> String {
-    match V1Image::open(path) {
+    match open_retrying(path) {
         Ok(_) => panic!("damaged image opened"),
         Err(e) => e.to_string(),
     }
@@ -492,7 +496,7 @@ fn v1_damaged_objects_are_reported_per_object() {
     let d = Damage::new();
     let man = manifest();
     let ino = |p: &str| man[p].num::<u64>("ino");
-    let img_of = |p: &Path| V1Image::open(p).unwrap();
+    let img_of = |p: &Path| open_retrying(p).unwrap();
 
     // An inode record: that inode fails, the rest of the image reads.
     let small = ino("files/small.txt");
@@ -658,7 +662,7 @@ fn metadata_blocks(img: &V1Image) -> Vec<u64> {
 fn v1_random_damage_never_panics_or_hangs() {
     let d = Damage::new();
     let (used, meta) = {
-        let img = V1Image::open(d.path()).unwrap();
+        let img = open_retrying(d.path()).unwrap();
         let i = img.info();
         (i.total_blocks - i.free_blocks, metadata_blocks(&img))
     };
