@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: formatting and lints, unit and model tests, the mounted integration suite,
-# pjdfstest, the mmap integration scripts, and a quick benchmark run.
+# pjdfstest (with the kernel's permission checks and with the daemon's), the mmap integration
+# scripts, and a quick benchmark run.
 #   scripts/test.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,7 @@ stage fmt cargo fmt --all -- --check
 stage clippy cargo clippy --release --workspace --all-targets -- -D warnings
 stage cargo-test cargo test --release --workspace
 stage pjdfstest bash scripts/pjdfstest.sh
+stage pjdfstest-no-default-permissions bash scripts/pjdfstest.sh -o no_default_permissions
 stage integration bash scripts/integration.sh --both
 stage bench-quick bash scripts/bench.sh --quick
 

@@ -125,6 +125,44 @@ impl Acl {
         self.perm(USER_OBJ).unwrap_or(0) << 6 | group << 3 | self.perm(OTHER).unwrap_or(0)
     }
 
+    /// Whether the ACL grants `want` (`rwx` bits) to a caller who is not the file's owner
+    /// (the owner's entry is the mode's, checked before): the first named user entry matching
+    /// the caller, else any matching group entry that grants all of `want` (limited by the
+    /// mask), else "other" when no group entry matched (`posix_acl_permission`).
+    pub fn grants(
+        &self,
+        uid: u32,
+        owning_group: u32,
+        in_group: &dyn Fn(u32) -> bool,
+        want: u32,
+    ) -> bool {
+        let want = want & 7;
+        let mask = self.perm(MASK).unwrap_or(7);
+        let masked = |perm: u16| u32::from(perm) & mask & want == want;
+        let mut group_matched = false;
+        for e in &self.0 {
+            match e.tag {
+                USER if e.id == uid => return masked(e.perm),
+                GROUP_OBJ | GROUP => {
+                    let gid = if e.tag == GROUP_OBJ {
+                        owning_group
+                    } else {
+                        e.id
+                    };
+                    if in_group(gid) {
+                        if u32::from(e.perm) & want == want {
+                            return masked(e.perm);
+                        }
+                        group_matched = true;
+                    }
+                }
+                OTHER => return !group_matched && u32::from(e.perm) & want == want,
+                _ => {}
+            }
+        }
+        false
+    }
+
     /// chmod: the owner, mask (or owning group) and other entries take the new mode's bits
     /// (`posix_acl_chmod`).
     pub fn chmod(&mut self, mode: u32) {

@@ -22,6 +22,7 @@ use crate::acl::{self, Acl};
 use crate::engine::{DataRun, DirEntry, Engine, NewInode, SetMode, Tx, now};
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::perm::{self, AttrChange, Caller, Target};
 
 pub use crate::engine::check;
 
@@ -90,7 +91,8 @@ pub enum SetTime {
     At(Time),
 }
 
-/// Changes requested by `setattr` (already permission-checked by the kernel).
+/// Changes requested by `setattr` (already permission-checked: by the kernel, or by
+/// `Fs::may_setattr` on mounts without `default_permissions`).
 #[derive(Default, Clone, Copy, Debug)]
 pub struct SetAttr {
     pub mode: Option<u32>,
@@ -194,9 +196,12 @@ pub struct Fs {
     /// With the kernel's writeback cache the kernel keeps mtime/ctime of written files and sends
     /// them with setattr; writes must then leave them alone.
     kernel_owns_write_times: bool,
-    /// POSIX ACLs are on (the kernel enforces them): `system.posix_acl_*` attributes are kept,
-    /// and chmod and new files follow them (see `crate::acl`).
+    /// POSIX ACLs are on (the kernel enforces them, or `crate::perm` on mounts without
+    /// `default_permissions`): `system.posix_acl_*` attributes are kept, and chmod and new files
+    /// follow them (see `crate::acl`).
     acls: bool,
+    /// How permission checks made here see owners and modes (`-o uid=,gid=,umask=`).
+    shown: perm::Shown,
     /// When accesses update atime; `diratime`: directories too.
     atime: Atime,
     diratime: bool,
@@ -305,6 +310,7 @@ impl Fs {
             engine,
             kernel_owns_write_times: false,
             acls: false,
+            shown: perm::Shown::default(),
             atime: Atime::Relative,
             diratime: true,
             rename_lock: Mutex::new(()),
@@ -375,7 +381,12 @@ impl Fs {
         Ok(true)
     }
 
-    /// See `acls` (set when the kernel enforces POSIX ACLs for this mount).
+    /// See `shown`.
+    pub fn set_shown(&mut self, shown: perm::Shown) {
+        self.shown = shown;
+    }
+
+    /// See `acls` (set when ACLs are on for this mount).
     pub fn set_acls(&mut self, on: bool) {
         self.acls = on;
     }
@@ -1717,6 +1728,119 @@ impl Fs {
         self.engine.xattr_remove(&tx, &mut rec, name)?;
         set_ctime(&mut rec, now_time());
         self.engine.write_inode(&tx, ino, &mut rec)
+    }
+}
+
+/// Permission checks for mounts without the kernel's `default_permissions` (the rules are
+/// `crate::perm`'s): each reads what its check needs, under the inodes' read locks; the
+/// operation follows separately, as it does after the kernel's own checks.
+impl Fs {
+    /// `ino` as a permission check by `c` sees it: its access ACL only when the check can
+    /// depend on it.
+    fn perm_target(&self, ino: u64, c: &Caller) -> Result<Target> {
+        let _g = self.engine.lock_read(ino);
+        let rec = self.engine.read_inode(ino)?;
+        let (uid, gid, mode) = self
+            .shown
+            .apply(rec.uid.get(), rec.gid.get(), rec.mode.get());
+        let acl = if perm::consults_acl(c, uid, mode) {
+            self.stored_acl(ino, &rec, acl::ACCESS)?
+        } else {
+            None
+        };
+        Ok(Target {
+            uid,
+            gid,
+            mode,
+            acl,
+        })
+    }
+
+    /// The inode `name` names in directory `parent` (the kernel gains no reference).
+    fn child(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        let _g = self.engine.lock_read(parent);
+        let dir = self.read_dir(parent)?;
+        Ok(self.engine.dir_lookup(&dir, name)?.map(|(ino, _)| ino))
+    }
+
+    /// Whether `c` may read, write and/or execute `ino` (`perm::MAY_*` in `want`).
+    pub fn may(&self, ino: u64, c: &Caller, want: u32) -> Result<()> {
+        perm::permission(c, &self.perm_target(ino, c)?, want)
+    }
+
+    /// Whether `c` may create an entry in `parent`.
+    pub fn may_create(&self, parent: u64, c: &Caller) -> Result<()> {
+        perm::may_create(c, &self.perm_target(parent, c)?)
+    }
+
+    /// Whether `c` may remove `name` from `parent`; `NotFound` first, as the kernel's lookup
+    /// finds that before any permission.
+    pub fn may_delete(&self, parent: u64, name: &[u8], c: &Caller) -> Result<()> {
+        let child = self.child(parent, name)?.ok_or(Error::NotFound)?;
+        perm::may_delete(
+            c,
+            &self.perm_target(parent, c)?,
+            &self.perm_target(child, c)?,
+        )
+    }
+
+    /// Whether `c` may rename `name` in `parent` to `newname` in `newparent` (`vfs_rename`):
+    /// remove the source; remove the target or create in its directory; and, when a directory
+    /// changes parent, write to it (its ".." changes).
+    pub fn may_rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        exchange: bool,
+        c: &Caller,
+    ) -> Result<()> {
+        let src = self.child(parent, name)?.ok_or(Error::NotFound)?;
+        let src = self.perm_target(src, c)?;
+        perm::may_delete(c, &self.perm_target(parent, c)?, &src)?;
+        let newdir = self.perm_target(newparent, c)?;
+        let dst = match self.child(newparent, newname)? {
+            Some(d) => {
+                let d = self.perm_target(d, c)?;
+                perm::may_delete(c, &newdir, &d)?;
+                Some(d)
+            }
+            None => {
+                perm::may_create(c, &newdir)?;
+                None
+            }
+        };
+        let is_dir = |t: &Target| t.mode & libc::S_IFMT == libc::S_IFDIR;
+        if parent != newparent {
+            if is_dir(&src) {
+                perm::permission(c, &src, perm::MAY_WRITE)?;
+            }
+            if let Some(d) = dst.filter(|d| exchange && is_dir(d)) {
+                perm::permission(c, &d, perm::MAY_WRITE)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `c` may link `ino` into `newparent`; `protected`: the kernel's protected
+    /// hardlinks are on.
+    pub fn may_link(&self, ino: u64, newparent: u64, c: &Caller, protected: bool) -> Result<()> {
+        if protected {
+            perm::may_link(c, &self.perm_target(ino, c)?)?;
+        }
+        self.may_create(newparent, c)
+    }
+
+    /// Whether `c` may change `ino` so; the mode to set instead of the asked one (see
+    /// `perm::setattr`).
+    pub fn may_setattr(&self, ino: u64, c: &Caller, ch: &AttrChange) -> Result<Option<u32>> {
+        perm::setattr(c, &self.perm_target(ino, c)?, ch)
+    }
+
+    /// Whether `c` may read (or, `write`, change) the extended attribute `name` of `ino`.
+    pub fn may_xattr(&self, ino: u64, name: &[u8], write: bool, c: &Caller) -> Result<()> {
+        perm::xattr(c, &self.perm_target(ino, c)?, name, write)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The FUSE adapter: implements `fuser::Filesystem` by unpacking each request, calling the
 //! core ([`Fs`]) and translating the result. No filesystem logic lives here.
 
+use std::cell::OnceCell;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -8,17 +9,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
 use crate::fs::{
     Atime, Attr, Changer, Ctx, FS_NOATIME_FL, FS_NODUMP_FL, FileKind, Fs, SetAttr, SetTime, Time,
 };
+use crate::perm::{self, AttrChange, Caller, TimeChange};
 use crate::stats::{Op, Stats};
 
 /// How long the kernel may cache attributes and entries, including negative entries. Every
@@ -43,6 +45,9 @@ pub struct KernelOptions {
     pub ownership: Ownership,
     /// FUSE over io_uring (`-o io_uring`), when the kernel offers it.
     pub io_uring: bool,
+    /// The kernel checks permissions (`default_permissions`); off, the daemon does
+    /// (`-o no_default_permissions`, see `crate::perm`).
+    pub default_permissions: bool,
 }
 
 /// How ownership and permissions are shown (`-o uid=,gid=,umask=`): the image keeps what was
@@ -80,6 +85,11 @@ impl FuseAdapter {
     pub fn new(mut fs: Fs, opts: KernelOptions) -> FuseAdapter {
         fs.set_kernel_owns_write_times(opts.writeback_cache);
         fs.set_atime(opts.atime, opts.diratime);
+        fs.set_shown(crate::perm::Shown {
+            uid: opts.ownership.uid,
+            gid: opts.ownership.gid,
+            umask: opts.ownership.umask.into(),
+        });
         FuseAdapter {
             fs,
             opts,
@@ -117,6 +127,57 @@ impl FuseAdapter {
                 }
             }
             None => log::warn!("no notifier: inode {} attributes stay cached", ino.0),
+        }
+    }
+
+    /// How long the kernel may cache a name. Without `default_permissions` not at all: the
+    /// kernel checks no search permission on names it has cached, so every path walk must
+    /// reach LOOKUP, where the daemon checks it.
+    fn entry_ttl(&self) -> Duration {
+        if self.opts.default_permissions {
+            TTL
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, r: Result<Attr, Error>) {
+        match r {
+            Ok(a) => reply.entry_with_ttls(
+                &TTL,
+                &self.entry_ttl(),
+                &self.opts.ownership.apply(file_attr(&a)),
+                Generation(a.generation),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Runs permission check `f` for the caller of `req` when the daemon makes the checks
+    /// (`-o no_default_permissions`); `None` when the kernel makes them.
+    fn check<T>(
+        &self,
+        req: &Request,
+        f: impl FnOnce(&Caller) -> Result<T, Error>,
+    ) -> Option<Result<T, Errno>> {
+        if self.opts.default_permissions {
+            return None;
+        }
+        let groups = Groups::of(req);
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            supplementary: &|g| groups.contains(g),
+        };
+        Some(f(&caller).map_err(|e| errno(&e)))
+    }
+
+    /// After a change of `ino`'s access ACL on a mount without default_permissions: the
+    /// kernel, not told of ACLs there, does not drop its cached attributes itself, and the mode
+    /// follows the ACL.
+    fn acl_changed(&self, ino: INodeNo, name: &[u8], r: &Result<(), Error>) {
+        if !self.opts.default_permissions && r.is_ok() && name == crate::acl::ACCESS {
+            self.invalidate_attrs(ino);
         }
     }
 
@@ -234,17 +295,33 @@ fn creator(req: &Request, umask: u32) -> Ctx {
     Ctx { umask, ..ctx(req) }
 }
 
+/// How a SETATTR changes timestamps, as far as permissions go. Times come with a file handle
+/// only in the kernel's own flush of the times it caches (writeback cache), and with a size only
+/// as the writeback cache's mtime of a truncate. `utimensat` to now for both (a touch) comes as
+/// atime and mtime now, or with the writeback cache as atime now with the kernel's own mtime
+/// and ctime.
+fn time_change(
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+    ctime: Option<SystemTime>,
+    size: Option<u64>,
+    fh: Option<FileHandle>,
+) -> TimeChange {
+    if fh.is_some() || size.is_some() {
+        return TimeChange::None;
+    }
+    match (atime, mtime) {
+        (None, None) => TimeChange::None,
+        (Some(TimeOrNow::Now), Some(TimeOrNow::Now)) => TimeChange::Touch,
+        (Some(TimeOrNow::Now), Some(_)) if ctime.is_some() => TimeChange::Touch,
+        _ => TimeChange::Set,
+    }
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
         TimeOrNow::SpecificTime(s) => SetTime::At(from_request_time(s)),
-    }
-}
-
-fn reply_entry(reply: ReplyEntry, view: &Ownership, r: Result<Attr, Error>) {
-    match r {
-        Ok(a) => reply.entry(&TTL, &view.apply(file_attr(&a)), Generation(a.generation)),
-        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -336,12 +413,20 @@ impl Filesystem for FuseAdapter {
         if self.opts.writeback_cache {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
-        if self.opts.readdirplus {
+        // Without default_permissions the names it lists could not be cached (see
+        // `entry_ttl`), so READDIRPLUS would save no LOOKUP.
+        if self.opts.readdirplus && self.opts.default_permissions {
             wanted |= InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
         }
         // The kernel enforces ACLs from the stored attributes and leaves the umask to the
-        // daemon, which replaces it by a directory's default ACL.
-        let acl = InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK;
+        // daemon, which replaces it by a directory's default ACL. FUSE_POSIX_ACL also turns the
+        // kernel's default_permissions on (fs/fuse/inode.c), so without them the kernel is not
+        // told: it then passes ACLs through as attributes, and the daemon enforces them.
+        let acl = if self.opts.default_permissions {
+            InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK
+        } else {
+            InitFlags::FUSE_DONT_MASK
+        };
         if self.opts.acl && caps.contains(acl) {
             wanted |= acl;
             self.fs.set_acls(true);
@@ -375,12 +460,20 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.stats.count(Op::Lookup);
+        // "." and ".." come from the kernel itself (file handles, NFS export), not a path walk.
+        let walk = name.as_bytes() != b"." && name.as_bytes() != b"..";
+        if walk && let Some(Err(e)) = self.check(req, |c| self.fs.may(parent.0, c, perm::MAY_EXEC))
+        {
+            return reply.error(e);
+        }
         match self.fs.lookup(parent.0, name.as_bytes()) {
             // Inode 0 with a timeout: the kernel caches the name as absent.
-            Err(Error::NotFound) => reply.entry(&TTL, &negative_entry(), Generation(0)),
-            r => reply_entry(reply, &self.opts.ownership, r),
+            Err(Error::NotFound) => {
+                reply.entry_with_ttls(&TTL, &self.entry_ttl(), &negative_entry(), Generation(0))
+            }
+            r => self.reply_entry(reply, r),
         }
     }
 
@@ -410,7 +503,7 @@ impl Filesystem for FuseAdapter {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -418,6 +511,18 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         self.stats.count(Op::Setattr);
+        let ch = AttrChange {
+            mode,
+            uid,
+            gid,
+            truncate: size.is_some() && fh.is_none(),
+            times: time_change(atime, mtime, ctime, size, fh),
+        };
+        let mode = match self.check(req, |c| self.fs.may_setattr(ino.0, c, &ch)) {
+            None => mode,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return reply.error(e),
+        };
         let s = SetAttr {
             mode,
             uid,
@@ -429,7 +534,8 @@ impl Filesystem for FuseAdapter {
         };
         // The kernel's FATTR_KILL_SUIDGID (caller lacks CAP_FSETID) does not reach fuser's
         // setattr; root stands for the capability.
-        let in_group = |gid| requester_in_group(req, gid);
+        let groups = Groups::of(req);
+        let in_group = |gid| groups.contains(gid);
         let by = Changer::new(req.uid() == 0, &in_group);
         match self.fs.setattr(ino.0, &s, &by) {
             Ok(a) => reply.attr(&TTL, &self.opts.ownership.apply(file_attr(&a))),
@@ -457,9 +563,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Mknod);
-        reply_entry(
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_create(parent.0, c)) {
+            return reply.error(e);
+        }
+        self.reply_entry(
             reply,
-            &self.opts.ownership,
             self.fs
                 .mknod(parent.0, name.as_bytes(), mode, rdev, creator(req, umask)),
         );
@@ -475,22 +583,32 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Mkdir);
-        reply_entry(
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_create(parent.0, c)) {
+            return reply.error(e);
+        }
+        self.reply_entry(
             reply,
-            &self.opts.ownership,
             self.fs
                 .mkdir(parent.0, name.as_bytes(), mode, creator(req, umask)),
         );
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.stats.count(Op::Unlink);
-        reply_empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+        let name = name.as_bytes();
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_delete(parent.0, name, c)) {
+            return reply.error(e);
+        }
+        reply_empty(reply, self.fs.unlink(parent.0, name));
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.stats.count(Op::Rmdir);
-        reply_empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+        let name = name.as_bytes();
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_delete(parent.0, name, c)) {
+            return reply.error(e);
+        }
+        reply_empty(reply, self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(
@@ -502,13 +620,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Symlink);
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_create(parent.0, c)) {
+            return reply.error(e);
+        }
         let r = self.fs.symlink(
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
             ctx(req),
         );
-        reply_entry(reply, &self.opts.ownership, r);
+        self.reply_entry(reply, r);
     }
 
     fn rename(
@@ -522,37 +643,41 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Rename);
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let (name, newname) = (name.as_bytes(), newname.as_bytes());
+        if let Some(Err(e)) = self.check(req, |c| {
+            self.fs
+                .may_rename(parent.0, name, newparent.0, newname, exchange, c)
+        }) {
+            return reply.error(e);
+        }
         let f = crate::fs::RenameFlags {
             noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
-            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            exchange,
             whiteout: flags
                 .contains(RenameFlags::RENAME_WHITEOUT)
                 .then(|| ctx(req)),
         };
-        let r = self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            f,
-        );
+        let r = self.fs.rename(parent.0, name, newparent.0, newname, f);
         reply_empty(reply, r);
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Link);
-        reply_entry(
-            reply,
-            &self.opts.ownership,
-            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
-        );
+        if let Some(Err(e)) = self.check(req, |c| {
+            self.fs
+                .may_link(ino.0, newparent.0, c, protected_hardlinks())
+        }) {
+            return reply.error(e);
+        }
+        self.reply_entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
     }
 
     // File handles carry no state here (reads and writes go by inode). OPEN is needed only for
@@ -560,10 +685,15 @@ impl Filesystem for FuseAdapter {
     // is where an access is recorded (relatime makes that an inode write only when due). With
     // noatime OPEN answers ENOSYS: the kernel then stops sending OPEN and RELEASE for the rest
     // of the mount and opens files itself with FOPEN_KEEP_CACHE, so opening and closing costs
-    // no round trip (reading back small cached files: about 25k -> 120k files/s).
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    // no round trip (reading back small cached files: about 25k -> 120k files/s). Without
+    // default_permissions OPEN stays: it is where the daemon checks the open's mode.
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Open);
-        if !self.fs.tracks_atime() {
+        if let Some(r) = self.check(req, |c| self.fs.may(ino.0, c, perm::open_mask(flags.0))) {
+            if let Err(e) = r {
+                return reply.error(e);
+            }
+        } else if !self.fs.tracks_atime() {
             return reply.error(Errno::from_i32(libc::ENOSYS));
         }
         let reads = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
@@ -613,7 +743,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         self.stats.count(Op::Write);
-        let in_group = |gid| requester_in_group(req, gid);
+        let groups = Groups::of(req);
+        let in_group = |gid| groups.contains(gid);
         let killing = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let by = Changer::new(!killing, &in_group);
         // Page-cache write-back (mmap stores; every write with the writeback cache, where the
@@ -668,8 +799,11 @@ impl Filesystem for FuseAdapter {
 
     // Directories keep OPENDIR (unlike files, see `open`): without it the kernel would cache
     // listings (FOPEN_CACHE_DIR) and miss that a directory moved by rename has a new "..".
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Opendir);
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may(ino.0, c, perm::open_mask(flags.0))) {
+            return reply.error(e);
+        }
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -768,7 +902,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -777,25 +911,58 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Setxattr);
-        reply_empty(
-            reply,
-            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+        let name = name.as_bytes();
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_xattr(ino.0, name, true, c)) {
+            return reply.error(e);
+        }
+        let r = self.fs.setxattr(ino.0, name, value, flags);
+        self.acl_changed(ino, name, &r);
+        reply_empty(reply, r);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         self.stats.count(Op::Getxattr);
-        reply_xattr(reply, size, self.fs.getxattr(ino.0, name.as_bytes()));
+        let name = name.as_bytes();
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_xattr(ino.0, name, false, c)) {
+            return reply.error(e);
+        }
+        reply_xattr(reply, size, self.fs.getxattr(ino.0, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.stats.count(Op::Listxattr);
-        reply_xattr(reply, size, self.fs.listxattr(ino.0));
+        let r = self.fs.listxattr(ino.0).map(|names| {
+            if req.uid() == 0 {
+                return names;
+            }
+            // trusted.* names are root's, as tmpfs and ext4 list them.
+            let visible = names
+                .split_inclusive(|&b| b == 0)
+                .filter(|n| !n.starts_with(b"trusted."));
+            visible.flatten().copied().collect()
+        });
+        reply_xattr(reply, size, r);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.stats.count(Op::Removexattr);
-        reply_empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+        let name = name.as_bytes();
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_xattr(ino.0, name, true, c)) {
+            return reply.error(e);
+        }
+        let r = self.fs.removexattr(ino.0, name);
+        self.acl_changed(ino, name, &r);
+        reply_empty(reply, r);
+    }
+
+    /// access(2) and chdir(2), which the kernel asks about only without default_permissions.
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.stats.count(Op::Access);
+        let want = mask.bits() as u32 & (perm::MAY_READ | perm::MAY_WRITE | perm::MAY_EXEC);
+        match self.check(req, |c| self.fs.may(ino.0, c, want)) {
+            Some(Err(e)) => reply.error(e),
+            _ => reply.ok(),
+        }
     }
 
     fn create(
@@ -809,12 +976,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         self.stats.count(Op::Create);
+        if let Some(Err(e)) = self.check(req, |c| self.fs.may_create(parent.0, c)) {
+            return reply.error(e);
+        }
         match self
             .fs
             .create(parent.0, name.as_bytes(), mode, creator(req, umask))
         {
-            Ok(a) => reply.created(
+            Ok(a) => reply.created_with_ttls(
                 &TTL,
+                &self.entry_ttl(),
                 &self.opts.ownership.apply(file_attr(&a)),
                 Generation(a.generation),
                 FileHandle(0),
@@ -971,18 +1142,52 @@ fn io_uring_refused() {
     }
 }
 
-/// Whether the process that sent `req` belongs to group `gid`: its primary group or one of its
-/// supplementary groups, which only /proc tells (read on the rare path that needs it). When it
-/// cannot be told, the answer is no, so a set-group-ID bit is dropped rather than kept.
-fn requester_in_group(req: &Request, gid: u32) -> bool {
-    if req.gid() == gid {
-        return true;
+/// The groups of the process that sent a request: its primary group and its supplementary ones,
+/// which only /proc tells (read once, on the rare paths that ask about another group). When
+/// they cannot be told (the process is gone, or in another PID namespace), it has none, so a
+/// set-group-ID bit is dropped rather than kept, and a group's permission is not granted.
+struct Groups {
+    pid: u32,
+    gid: u32,
+    supplementary: OnceCell<Vec<u32>>,
+}
+
+impl Groups {
+    fn of(req: &Request) -> Groups {
+        Groups {
+            pid: req.pid(),
+            gid: req.gid(),
+            supplementary: OnceCell::new(),
+        }
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
-        return false;
+
+    fn contains(&self, gid: u32) -> bool {
+        gid == self.gid
+            || self
+                .supplementary
+                .get_or_init(|| supplementary_groups(self.pid))
+                .contains(&gid)
+    }
+}
+
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
     };
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+        .map(|groups| {
+            groups
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the kernel's protected hardlinks are on (`fs.protected_hardlinks`, Debian's default):
+/// only a file's owner may then link to a file it may not read and write.
+fn protected_hardlinks() -> bool {
+    std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() != "0")
 }

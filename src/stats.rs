@@ -44,9 +44,10 @@ pub enum Op {
     Ioctl,
     Lseek,
     CopyFileRange,
+    Access,
 }
 
-const OP_NAMES: [&str; 30] = [
+const OP_NAMES: [&str; 31] = [
     "lookup",
     "forget",
     "getattr",
@@ -77,6 +78,7 @@ const OP_NAMES: [&str; 30] = [
     "ioctl",
     "lseek",
     "copy_file_range",
+    "access",
 ];
 
 /// Upper bounds of the fsync latency buckets, in microseconds (then +Inf).

@@ -216,12 +216,14 @@ fn kernel_mount_options(s: &Settings, source: String) -> Vec<fuser::MountOption>
         M::FSName(s.fsname.clone().unwrap_or(source)),
         // A kernel option rather than fuser's `Subtype`, which only fusermount3 understands.
         M::CUSTOM(format!("subtype={SUBTYPE}")),
-        M::DefaultPermissions,
         if s.read_only { M::RO } else { M::RW },
         if s.exec { M::Exec } else { M::NoExec },
         if s.suid { M::Suid } else { M::NoSuid },
         if s.dev { M::Dev } else { M::NoDev },
     ];
+    if s.kernel.default_permissions {
+        v.push(M::DefaultPermissions);
+    }
     if s.kernel.atime == Atime::Never {
         v.push(M::NoAtime);
     }
@@ -435,7 +437,6 @@ fn mount_with_fusermount(
         std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     crate::sys::inheritable(&theirs).map_err(|e| format!("socketpair: {e}"))?;
     let mut opts = vec![
-        "default_permissions".to_string(),
         format!("subtype={SUBTYPE}"),
         (if s.read_only { "ro" } else { "rw" }).to_string(),
         "nosuid".to_string(),
@@ -447,6 +448,7 @@ fn mount_with_fusermount(
         }
     }
     for (on, name) in [
+        (s.kernel.default_permissions, "default_permissions"),
         (!s.exec, "noexec"),
         (s.kernel.atime == Atime::Never, "noatime"),
         (s.sync, "sync"),

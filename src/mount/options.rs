@@ -58,8 +58,11 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
   noallow_other       only the user who mounted may use it
   allow_root          the user who mounted and root may use it
   auto_unmount        unmount when the daemon dies (with allow_other/allow_root)
-  default_permissions the kernel checks permissions from the modes [always on]
-  acl, noacl          POSIX ACLs (setfacl/getfacl), enforced by the kernel [acl]
+  default_permissions, no_default_permissions
+                      who checks permissions: the kernel, from the modes and
+                      ACLs, or mmapfs itself, by the same rules (slower: the
+                      kernel then caches no names) [default_permissions]
+  acl, noacl          POSIX ACLs (setfacl/getfacl) [acl]
   uid=USER, gid=GROUP show every file as owned by this user and group
   umask=OCTAL         show every file with these permission bits cleared
   commit=SECONDS      seconds between commits when nothing calls fsync [5]
@@ -127,6 +130,7 @@ impl Default for Settings {
                 max_write: MAX_WRITE,
                 ownership: Ownership::default(),
                 io_uring: false,
+                default_permissions: true,
             },
             clone_fd: true,
             pin_threads: true,
@@ -187,12 +191,8 @@ impl Settings {
             "allow_root" => self.set_access(Access::OwnerAndRoot),
             "noallow_other" => self.set_access(Access::Owner),
             "auto_unmount" => flag(&mut self.auto_unmount, true),
-            "default_permissions" => Ok(()),
-            "no_default_permissions" => Err(
-                "mount option no_default_permissions: mmapfs relies on the kernel's permission \
-                 checks and cannot mount without them"
-                    .into(),
-            ),
+            "default_permissions" => flag(&mut self.kernel.default_permissions, true),
+            "no_default_permissions" => flag(&mut self.kernel.default_permissions, false),
             "writeback_cache" => flag(&mut self.kernel.writeback_cache, true),
             "no_writeback_cache" => flag(&mut self.kernel.writeback_cache, false),
             "no_readdirplus" => flag(&mut self.kernel.readdirplus, false),
@@ -321,6 +321,19 @@ mod tests {
         assert!(!parse("ro,rw").unwrap().read_only);
         assert!(parse("rw,ro").unwrap().read_only);
         assert!(parse("nosuid,suid").unwrap().suid);
+        assert!(parse("").unwrap().kernel.default_permissions);
+        assert!(
+            !parse("no_default_permissions")
+                .unwrap()
+                .kernel
+                .default_permissions
+        );
+        assert!(
+            parse("no_default_permissions,default_permissions")
+                .unwrap()
+                .kernel
+                .default_permissions
+        );
         assert_eq!(
             parse("allow_other,noallow_other").unwrap().access,
             Some(Access::Owner)

@@ -344,20 +344,40 @@ fn info_fsck_and_second_mount_of_a_mounted_image_answer_at_once() {
     m.finish();
 }
 
-/// uid=, gid= and umask= change what every file shows (and what the kernel checks), not what
-/// the image stores.
+/// uid=, gid= and umask= change what every file shows (and what permissions are checked
+/// against, by the kernel or, with no_default_permissions, by the daemon), not what the image
+/// stores.
 #[test]
 fn ownership_options_show_the_whole_mount_as_asked() {
-    let m = Mount::with(&["--size", "16M"], &["uid=65534", "gid=65534", "umask=027"]);
-    fs::write(m.p("f"), b"x").unwrap();
-    fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o666)).unwrap();
-    for p in [m.path().to_path_buf(), m.p("f")] {
-        let md = fs::metadata(&p).unwrap();
-        assert_eq!((md.uid(), md.gid()), (NOBODY, NOBODY), "{}", p.display());
-        assert_eq!(md.mode() & 0o027, 0, "{}: {:o}", p.display(), md.mode());
+    for checks in ["default_permissions", "no_default_permissions"] {
+        let m = Mount::with(
+            &["--size", "16M"],
+            &["uid=65534", "gid=65534", "umask=027", checks],
+        );
+        fs::write(m.p("f"), b"x").unwrap();
+        fs::set_permissions(m.p("f"), fs::Permissions::from_mode(0o606)).unwrap();
+        for p in [m.path().to_path_buf(), m.p("f")] {
+            let md = fs::metadata(&p).unwrap();
+            assert_eq!((md.uid(), md.gid()), (NOBODY, NOBODY), "{}", p.display());
+            assert_eq!(md.mode() & 0o027, 0, "{}: {:o}", p.display(), md.mode());
+        }
+        assert_eq!(fs::metadata(m.p("f")).unwrap().mode() & 0o777, 0o600);
+        // nobody owns the file as shown, so may write it; a third user may not even read it,
+        // which the stored mode (other: rw) would allow.
+        let write = |uid: &str| {
+            run(Command::new("setpriv")
+                .args([uid, "--regid=65534", "--clear-groups", "sh", "-c"])
+                .arg(format!("echo y >> {}", m.p("f").display())))
+            .status
+            .success()
+        };
+        assert!(
+            write("--reuid=65534"),
+            "{checks}: the shown owner may write"
+        );
+        assert!(!write("--reuid=1"), "{checks}: others may not");
+        m.finish();
     }
-    assert_eq!(fs::metadata(m.p("f")).unwrap().mode() & 0o777, 0o640);
-    m.finish();
 }
 
 /// mkfs: the root directory belongs to the caller (or --owner/--mode); a size the host cannot

@@ -1333,6 +1333,179 @@ fn acls_as_on_tmpfs() {
     m.finish();
 }
 
+/// Root's side of `daemon_checks_permissions_as_tmpfs`: files of every kind of access, in a
+/// world-writable directory `t`, then a look at `private/f` so that the kernel has the name
+/// cached before another user asks.
+const PERM_SETUP: &str = "
+    umask 022
+    mkdir -m 0777 t && cd t
+    mkdir -m 0700 private && echo secret > private/f && cat private/f >/dev/null
+    mkdir -m 0755 shut && echo x > shut/f && mkdir shut/empty
+    mkdir -m 0711 blind && echo x > blind/known
+    mkdir -m 1777 sticky && echo x > sticky/roots && chmod 666 sticky/roots
+    mkdir -m 0777 mine other
+    mkdir mine/rodir
+    echo data > rofile && chmod 644 rofile
+    echo data > rwfile && chmod 666 rwfile
+    echo data > setid && chmod 6666 setid
+    echo grp > grpfile && chgrp 1 grpfile && chmod 640 grpfile
+    echo acl > aclread && chmod 600 aclread && setfacl -m u:nobody:r aclread
+    echo acl > acldeny && chmod 644 acldeny && setfacl -m u:nobody:- acldeny
+    echo acl > aclgroup && chmod 600 aclgroup && setfacl -m g:1:rw aclgroup
+    mkdir -m 0700 acldir && echo in > acldir/f && setfacl -m u:nobody:rwx acldir
+    echo x > mine/given && chown 65534:0 mine/given
+    cp /usr/bin/true tru700 && chmod 700 tru700
+    cp /usr/bin/true tru711 && chmod 711 tru711
+    /usr/bin/python3 -c \"import os; os.setxattr('rofile', 'user.a', b'1'); \\
+        os.setxattr('rwfile', 'trusted.t', b'1')\"
+    cat private/f >/dev/null
+";
+
+/// The other user's side: each operation and its errno, as `nobody` with the supplementary
+/// group 1 (`daemon`).
+const PERM_PROBE: &str = r#"
+import ctypes, errno, os, subprocess
+os.umask(0o022)
+def t(name, f, *a):
+    try:
+        r = f(*a)
+        print(name, r if isinstance(r, (bytes, list)) else "ok")
+    except OSError as e:
+        print(name, errno.errorcode[e.errno])
+def opened(path, flags):
+    os.close(os.open(path, flags, 0o644))
+def run(path):
+    subprocess.run([path], check=True)
+libc = ctypes.CDLL(None, use_errno=True)
+def utimensat(path, atime, mtime):
+    times = (ctypes.c_long * 4)(0, atime, 0, mtime)
+    if libc.utimensat(-100, path.encode(), times, 0) != 0:
+        raise OSError(ctypes.get_errno(), path)
+NOW, OMIT = (1 << 30) - 1, (1 << 30) - 2
+t("stat private/f", os.stat, "private/f")
+t("stat private/none", os.stat, "private/none")
+t("open private/f", opened, "private/f", os.O_RDONLY)
+t("list private", os.listdir, "private")
+t("chdir private", lambda: (os.chdir("private"), os.chdir("..")) and None)
+t("list blind", os.listdir, "blind")
+t("stat blind/known", os.stat, "blind/known")
+t("create shut/new", opened, "shut/new", os.O_CREAT | os.O_WRONLY)
+t("mkdir shut/d", os.mkdir, "shut/d")
+t("mkfifo shut/p", os.mkfifo, "shut/p")
+t("symlink shut/s", os.symlink, "x", "shut/s")
+t("unlink shut/f", os.unlink, "shut/f")
+t("rmdir shut/empty", os.rmdir, "shut/empty")
+t("rename shut/f", os.rename, "shut/f", "mine/f")
+t("create mine/own", opened, "mine/own", os.O_CREAT | os.O_WRONLY)
+t("rename into shut", os.rename, "mine/own", "shut/own")
+t("link into shut", os.link, "mine/own", "shut/own")
+t("unlink sticky/roots", os.unlink, "sticky/roots")
+t("rename sticky/roots", os.rename, "sticky/roots", "sticky/x")
+t("create sticky/mine", opened, "sticky/mine", os.O_CREAT | os.O_WRONLY)
+t("rename over sticky/roots", os.rename, "sticky/mine", "sticky/roots")
+t("unlink sticky/mine", os.unlink, "sticky/mine")
+t("rename mine/rodir away", os.rename, "mine/rodir", "other/rodir")
+t("rename mine/rodir here", os.rename, "mine/rodir", "mine/rodir2")
+t("read rofile", opened, "rofile", os.O_RDONLY)
+t("write rofile", opened, "rofile", os.O_WRONLY)
+t("rdwr rofile", opened, "rofile", os.O_RDWR)
+t("trunc-open rofile", opened, "rofile", os.O_RDONLY | os.O_TRUNC)
+t("truncate rofile", os.truncate, "rofile", 0)
+t("truncate rwfile", os.truncate, "rwfile", 1)
+t("trunc-open rwfile", opened, "rwfile", os.O_WRONLY | os.O_TRUNC)
+t("chmod rofile", os.chmod, "rofile", 0o666)
+t("chown rofile", os.chown, "rofile", 65534, -1)
+t("chgrp rofile", os.chown, "rofile", -1, 65534)
+t("touch rwfile", os.utime, "rwfile")
+t("touch rofile", os.utime, "rofile")
+t("utime rwfile", os.utime, "rwfile", (1, 1))
+t("utimensat rwfile now,omit", utimensat, "rwfile", NOW, OMIT)
+t("utimensat rwfile omit,now", utimensat, "rwfile", OMIT, NOW)
+t("utimensat rwfile now,now", utimensat, "rwfile", NOW, NOW)
+t("chmod mine/own g+s", os.chmod, "mine/own", 0o2755)
+t("chgrp mine/own 1", os.chown, "mine/own", -1, 1)
+t("chgrp mine/own 0", os.chown, "mine/own", -1, 0)
+t("chown mine/own self", os.chown, "mine/own", 65534, -1)
+t("chmod mine/given g+s", os.chmod, "mine/given", 0o2755)
+t("utime mine/given", os.utime, "mine/given", (1, 1))
+fd = os.open("setid", os.O_WRONLY)
+t("write setid", os.write, fd, b"x")
+os.close(fd)
+for p, m in [("rofile", os.R_OK), ("rofile", os.W_OK), ("rofile", os.X_OK), ("private", os.X_OK),
+             ("blind", os.R_OK), ("blind", os.X_OK), ("tru711", os.X_OK), ("aclread", os.R_OK),
+             ("acldeny", os.R_OK), ("aclgroup", os.W_OK), ("acldir", os.W_OK), ("rofile", os.F_OK)]:
+    print("access", p, m, os.access(p, m))
+t("read aclread", opened, "aclread", os.O_RDONLY)
+t("write aclread", opened, "aclread", os.O_WRONLY)
+t("read acldeny", opened, "acldeny", os.O_RDONLY)
+t("write aclgroup", opened, "aclgroup", os.O_WRONLY)
+t("read grpfile", opened, "grpfile", os.O_RDONLY)
+t("list acldir", os.listdir, "acldir")
+t("create acldir/new", opened, "acldir/new", os.O_CREAT | os.O_WRONLY)
+t("exec tru700", run, "./tru700")
+t("exec tru711", run, "./tru711")
+t("getxattr rofile user.a", os.getxattr, "rofile", "user.a")
+t("setxattr rofile user.b", os.setxattr, "rofile", "user.b", b"1")
+t("setxattr rwfile user.b", os.setxattr, "rwfile", "user.b", b"1")
+t("removexattr rofile user.a", os.removexattr, "rofile", "user.a")
+t("getxattr rwfile trusted.t", os.getxattr, "rwfile", "trusted.t")
+t("setxattr rwfile trusted.u", os.setxattr, "rwfile", "trusted.u", b"1")
+t("listxattr rwfile", lambda p: sorted(os.listxattr(p)), "rwfile")
+acl = os.getxattr("aclread", "system.posix_acl_access")
+t("setfacl rofile", os.setxattr, "rofile", "system.posix_acl_access", acl)
+t("setfacl mine/own", os.setxattr, "mine/own", "system.posix_acl_access", acl)
+t("setxattr mine/own security.x", os.setxattr, "mine/own", "security.x", b"1")
+t("setxattr mine/own user.x", os.setxattr, "mine/own", "user.x", b"1")
+t("link rofile", os.link, "rofile", "mine/hard1")
+t("link rwfile", os.link, "rwfile", "mine/hard2")
+"#;
+
+/// Without `default_permissions` (`-o no_default_permissions`) the daemon checks permissions:
+/// another user meets exactly what tmpfs gives it (lookups in a directory it may not search,
+/// creating and removing in directories it may not write, the sticky bit, open modes and
+/// truncation, chmod/chown/utimes of others' files and set-group-ID clearing, access(2),
+/// exec, named ACL entries and groups, extended attribute namespaces, protected hardlinks),
+/// and the modes, owners and ACLs left behind are the same.
+#[test]
+fn daemon_checks_permissions_as_tmpfs() {
+    let script = |root: &Path| {
+        let out = run(Command::new("sh")
+            .arg("-c")
+            .arg(PERM_SETUP)
+            .current_dir(root));
+        assert!(out.status.success(), "setup: {}", describe(&out));
+        let out = run(Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--groups=1"])
+            .args(["/usr/bin/python3", "-c", PERM_PROBE])
+            .current_dir(root.join("t")));
+        assert!(out.status.success(), "probe: {}", describe(&out));
+        let after = run(Command::new("sh")
+            .arg("-c")
+            .arg(
+                "stat -c '%a %u %g %n' * */* | sort; find . -type f -exec stat -c '%s %n' {} + \
+                 | sort; getfacl -p -n $(find . | sort) 2>&1",
+            )
+            .current_dir(root.join("t")));
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&after.stdout)
+    };
+    let want = on_tmpfs(script);
+    assert!(want.contains("stat private/f EACCES"), "{want}");
+    let m = Mount::with(&["--size", "16M"], &["no_default_permissions"]);
+    let got = script(m.path());
+    let differ: Vec<_> = got
+        .lines()
+        .zip(want.lines())
+        .filter(|(g, w)| g != w)
+        .map(|(g, w)| format!("mmapfs: {g}\n tmpfs: {w}"))
+        .collect();
+    assert!(
+        differ.is_empty() && got.lines().count() == want.lines().count(),
+        "differs from tmpfs:\n{}\nmmapfs:\n{got}",
+        differ.join("\n")
+    );
+    m.finish();
+}
+
 /// Sets only the atime of `p` (mtime untouched).
 fn set_atime(p: &Path, sec: i64) {
     let times = [

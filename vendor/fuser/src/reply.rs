@@ -529,6 +529,29 @@ impl ReplyCreate {
         ));
     }
 
+    /// Reply to a request with a newly created file entry and its newly open file handle.
+    ///
+    /// Use this function instead of `ReplyCreate::created` if the
+    /// entry TTL needs to be different from the attribute TTL
+    /// (see `ReplyEntry::entry_with_ttls`).
+    /// # Panics
+    /// When attempting to use kernel passthrough.
+    pub fn created_with_ttls(
+        self,
+        attr_ttl: &Duration,
+        entry_ttl: &Duration,
+        attr: &FileAttr,
+        generation: Generation,
+        fh: ll::FileHandle,
+        flags: FopenFlags,
+    ) {
+        assert!(!flags.contains(FopenFlags::FOPEN_PASSTHROUGH));
+        let mut response =
+            ll::ResponseStruct::new_create(attr_ttl, &attr.into(), generation, fh, flags, 0);
+        response.set_entry_ttl(*entry_ttl);
+        self.reply.send_ll(&response);
+    }
+
     /// Reply to a request with the given error code
     pub fn error(self, err: Errno) {
         self.reply.error(err);

@@ -229,6 +229,15 @@ impl ResponseStruct<abi::fuse_create_out> {
     }
 }
 
+impl ResponseStruct<abi::fuse_create_out> {
+    /// Sets how long the kernel may cache the new entry (`new_create` gives it the attribute
+    /// TTL).
+    pub(crate) fn set_entry_ttl(&mut self, ttl: Duration) {
+        self.0.0.entry_valid = ttl.as_secs();
+        self.0.0.entry_valid_nsec = ttl.subsec_nanos();
+    }
+}
+
 impl ResponseStruct<abi::fuse_poll_out> {
     pub(crate) fn new_poll(revents: PollEvents) -> Self {
         ResponseStruct(abi::fuse_poll_out {
