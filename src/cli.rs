@@ -311,7 +311,9 @@ fn fsck(image: &Path, repair: bool, force: bool) -> ExitCode {
     if let Some(why) = &rec.rolled_back {
         println!("recovery: {why}");
     }
-    // (A damaged other slot is one of the check's problems.)
+    if let Some(why) = &rec.other_slot {
+        println!("note: {why}");
+    }
     if repair {
         match engine.free_orphans() {
             Ok(0) => {}

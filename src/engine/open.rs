@@ -97,6 +97,8 @@ fn lock_with_grace(file: &File) -> io::Result<bool> {
     }
 }
 
+const CHECKSUM_MISMATCH: &str = "checksum mismatch";
+
 /// A superblock slot as read: valid, or why not.
 enum Slot {
     Valid(Box<Superblock>),
@@ -130,7 +132,7 @@ fn parse_slot(buf: &[u8]) -> Slot {
         return Slot::Invalid(SlotProblem::Version(sb.version.get()));
     }
     if !sb.checksum_ok() {
-        return Slot::Invalid(SlotProblem::Damaged("checksum mismatch".into()));
+        return Slot::Invalid(SlotProblem::Damaged(CHECKSUM_MISMATCH.into()));
     }
     if sb.incompat.get() & !INCOMPAT_SUPPORTED != 0 {
         return Slot::Invalid(SlotProblem::Features(sb.incompat.get()));
@@ -198,7 +200,10 @@ impl SlotProblem {
 
 impl Engine {
     /// Check: what is wrong with the superblock slot the state is not in, as it is now in
-    /// the image (the next commit writes that slot). A valid older commit there is fine.
+    /// the image (the next commit writes that slot). A valid older commit there is fine, and
+    /// so is a checksum mismatch: a power cut tears the superblock write of the commit it
+    /// interrupts (the state then in use is the one before), and the next commit rewrites
+    /// it. A slot whose checksum holds but whose fields do not was written wrong: damage.
     pub(super) fn other_slot_problem(&self) -> Option<String> {
         let other = 1 - self.txm.slot();
         let bytes = match self.img.bytes(block_off(other), BLOCK_SIZE as usize) {
@@ -207,6 +212,7 @@ impl Engine {
         };
         match parse_slot(bytes) {
             Slot::Valid(_) => None,
+            Slot::Invalid(SlotProblem::Damaged(why)) if why == CHECKSUM_MISMATCH => None,
             Slot::Invalid(p) => Some(p.describe(other)),
         }
     }
