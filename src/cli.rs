@@ -324,14 +324,18 @@ fn fsck(image: &Path, repair: bool, force: bool) -> ExitCode {
             }
             Err(e) => return fail(format!("{}: freeing unlinked files: {e}", image.display())),
         }
-    } else if rec.needed() {
+    } else if rec.needed() && (rec.state != STATE_ERRORS || rec.orphans > 0) {
+        // An image marked as damaged may have been unmounted cleanly: the mark hides it.
+        let unclean = match rec.state {
+            STATE_ERRORS => "",
+            _ => "not cleanly unmounted; ",
+        };
         let orphans = match rec.orphans {
             0 => String::new(),
             n => format!(", freeing {n} unlinked files left open"),
         };
         println!(
-            "needs recovery: not cleanly unmounted; the next mount (or fsck --repair) uses \
-             transaction {}{orphans}",
+            "needs recovery: {unclean}the next mount (or fsck --repair) uses transaction {}{orphans}",
             rec.txn
         );
     }

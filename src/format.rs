@@ -34,6 +34,8 @@ pub const PAYLOAD_SIZE: u64 = 4080;
 pub const TRAILER_SIZE: usize = 16;
 /// Byte offset of the trailer in a metadata block.
 pub const TRAILER_OFFSET: usize = PAYLOAD_SIZE as usize;
+/// Byte of a block where its trailer's `set_bits` is.
+pub const TRAILER_SET_BITS_OFFSET: usize = TRAILER_OFFSET + 10;
 /// Byte offset of the trailer's checksum: the CRC covers every byte before it.
 pub const TRAILER_CHECKSUM_OFFSET: usize = BLOCK_SIZE as usize - 4;
 
@@ -48,11 +50,23 @@ pub struct Trailer {
     pub kind: u8,
     /// Tree nodes: level above the leaves (0 = slots point at blocks that are not nodes).
     pub level: u8,
-    pub reserved: U16,
+    /// Bitmaps: 1 + the number of bits set in the payload, a second witness of every bit (a
+    /// bit cleared under a valid checksum would hand out a block in use); 0 = not recorded
+    /// (bitmaps written by builds before it). Other kinds: 0.
+    pub set_bits: U16,
     /// CRC-32C of bytes `0..4092` of the block, computed when its transaction commits.
     pub checksum: U32,
 }
 const _: () = assert!(size_of::<Trailer>() == TRAILER_SIZE);
+const _: () =
+    assert!(std::mem::offset_of!(Trailer, set_bits) + TRAILER_OFFSET == TRAILER_SET_BITS_OFFSET);
+
+/// The trailer `set_bits` value of a bitmap payload.
+pub fn bitmap_set_bits(payload: &[u8]) -> u16 {
+    let ones: u32 = payload.iter().map(|b| b.count_ones()).sum();
+    // At most 4080 * 8 = 32640 bits: 1 + that fits.
+    (ones + 1) as u16
+}
 
 /// Kinds of metadata blocks (the trailer's `kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

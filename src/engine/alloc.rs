@@ -145,6 +145,8 @@ pub(super) struct Space {
     pub ordered: Extents,
     /// The running transaction changed something.
     pub dirty: bool,
+    /// Groups whose bitmap failed its check: never allocated from (each logged once).
+    quarantined: BTreeSet<u64>,
 }
 
 impl Space {
@@ -164,6 +166,7 @@ impl Space {
             pages: BTreeSet::new(),
             ordered: Extents::default(),
             dirty: false,
+            quarantined: BTreeSet::new(),
         }
     }
 
@@ -258,7 +261,16 @@ impl Engine {
         self.bit_set(sp.tree, block)
     }
 
-    fn is_free(&self, sp: &Space, block: u64) -> Result<bool> {
+    /// Group `g`'s bitmap failed its check (`why`): it is skipped from now on.
+    fn quarantine(&self, sp: &mut Space, g: u64, why: &str) {
+        if sp.quarantined.insert(g) {
+            log::error!(
+                "group {g}: {why}; nothing is allocated from its blocks until `mmapfs fsck --repair` rewrites its bitmap"
+            );
+        }
+    }
+
+    fn is_free(&self, sp: &mut Space, block: u64) -> Result<bool> {
         if block < 2
             || block >= sp.total_blocks
             || sp.allocated.covering(block).is_some()
@@ -271,7 +283,10 @@ impl Engine {
             Ok(None) if !sp.new_groups.contains(&g) => {
                 return Err(self.corrupt(format!("group {g} has no bitmap")));
             }
-            Err(Error::Corrupt(_)) => return Ok(false),
+            Err(Error::Corrupt(why)) => {
+                self.quarantine(sp, g, &why);
+                return Ok(false);
+            }
             r => r?,
         };
         Ok(!self.bit_set(sp.tree, block)?)
@@ -279,13 +294,16 @@ impl Engine {
 
     /// First block in `[from, to)` that is free in its bitmap and neither allocated by the
     /// running transaction nor frozen.
-    fn scan(&self, sp: &Space, from: u64, to: u64) -> Result<Option<u64>> {
+    fn scan(&self, sp: &mut Space, from: u64, to: u64) -> Result<Option<u64>> {
         let mut b = from.max(2);
         while b < to {
             let g = b / GROUP_BLOCKS;
             let group_end = ((g + 1) * GROUP_BLOCKS).min(to);
             let candidate = match self.bitmap_of(sp.tree, g) {
-                Err(Error::Corrupt(_)) => None,
+                Err(Error::Corrupt(why)) => {
+                    self.quarantine(sp, g, &why);
+                    None
+                }
                 Err(e) => return Err(e),
                 Ok(None) if sp.new_groups.contains(&g) => Some(b),
                 Ok(None) => return Err(self.corrupt(format!("group {g} has no bitmap"))),
@@ -337,6 +355,12 @@ impl Engine {
         let start = match start {
             Some(s) => s,
             None => {
+                // Growth would add blocks to the last group: no help if it is quarantined (and
+                // a damaged image should not balloon).
+                let last = sp.total_blocks.saturating_sub(1) / GROUP_BLOCKS;
+                if sp.quarantined.contains(&last) {
+                    return Err(Error::NoSpace);
+                }
                 let first_new = sp.total_blocks;
                 self.grow(sp, want)?;
                 self.scan(sp, first_new, sp.total_blocks)?

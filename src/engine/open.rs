@@ -686,7 +686,12 @@ fn format(img: &Image, size: u64, root: RootDir) -> Result<()> {
             birth: TXN.into(),
             kind: kind as u8,
             level: level as u8,
-            reserved: 0.into(),
+            set_bits: if kind == BlockKind::Bitmap {
+                bitmap_set_bits(&buf[..PAYLOAD_SIZE as usize])
+            } else {
+                0
+            }
+            .into(),
             checksum: 0.into(),
         };
         buf[TRAILER_OFFSET..].copy_from_slice(t.as_bytes());
