@@ -273,6 +273,7 @@ impl Engine {
     fn is_free(&self, sp: &mut Space, block: u64) -> Result<bool> {
         if block < 2
             || block >= sp.total_blocks
+            || self.is_suspect(block)
             || sp.allocated.covering(block).is_some()
             || sp.frozen.covering(block).is_some()
         {
@@ -323,6 +324,7 @@ impl Engine {
                 .max();
             match busy {
                 Some(end) => b = end,
+                None if self.is_suspect(c) => b = c + 1,
                 None => return Ok(Some(c)),
             }
         }
@@ -377,7 +379,10 @@ impl Engine {
             limit = limit.min(next);
         }
         let mut len = 1;
-        while start + len < limit && !self.bit_set(sp.tree, start + len)? {
+        while start + len < limit
+            && !self.bit_set(sp.tree, start + len)?
+            && !self.is_suspect(start + len)
+        {
             len += 1;
         }
         sp.allocated.insert(start, len);
@@ -408,6 +413,21 @@ impl Engine {
             .checked_add(len)
             .filter(|&e| start >= 2 && e <= sp.total_blocks)
             .ok_or_else(|| self.corrupt(format!("freed blocks {start}+{len} out of range")))?;
+        if self.any_suspects.load(std::sync::atomic::Ordering::Acquire) {
+            // Blocks another structure's damaged pointer leads to stay marked used until fsck:
+            // reused, they would be reachable from both.
+            let kept: Vec<u64> = (start..end).filter(|&b| self.is_suspect(b)).collect();
+            if !kept.is_empty() {
+                let mut from = start;
+                for &b in kept.iter().chain(std::iter::once(&end)) {
+                    if b > from {
+                        self.free_in(sp, txn, from, b - from)?;
+                    }
+                    from = b + 1;
+                }
+                return Ok(());
+            }
+        }
         for b in start..end {
             let pending = sp.allocated.covering(b).is_some();
             // A damaged bitmap cannot say; the commit then leaves the block marked used.

@@ -521,6 +521,7 @@ pub fn run(e: &Engine, mode: Mode) -> Result<Report> {
             log::info!("fsck --repair: {what}");
             repaired.push(what);
         }
+        e.forget_suspects();
         apply(e, fixes)?;
         e.commit_now()?;
     }

@@ -72,12 +72,18 @@ impl Engine {
     pub fn read_inode_raw(&self, ino: u64) -> Result<Inode> {
         for _ in 0..READ_RETRIES {
             let generation = self.txm.reuse_gen.load(Ordering::Acquire);
-            let read = self.inode_offset(ino).and_then(|off| {
-                let bytes = self.img.bytes(off, INODE_SIZE as usize)?;
-                Inode::read_from_bytes(bytes).map_err(|_| Error::corrupt("inode size"))
+            let read = super::speculative(|| {
+                self.inode_offset(ino).and_then(|off| {
+                    let bytes = self.img.bytes(off, INODE_SIZE as usize)?;
+                    Inode::read_from_bytes(bytes).map_err(|_| Error::corrupt("inode size"))
+                })
             });
             if self.txm.reuse_gen.load(Ordering::Acquire) != generation {
                 continue;
+            }
+            // Nothing was reused under the read: what it found is damage.
+            if let Err(Error::Corrupt(why)) = read {
+                return Err(self.corrupt(why));
             }
             let rec = read?;
             if !rec.checksum_ok() {

@@ -79,7 +79,25 @@ pub struct Engine {
     dirty_data: Mutex<data::DirtyData>,
     /// Damage was found while mounted: the final commit marks the image for fsck.
     errors: AtomicBool,
+    /// Blocks reached through damaged pointers (see [`Engine::suspect`]).
+    suspects: Mutex<std::collections::BTreeSet<u64>>,
+    any_suspects: AtomicBool,
     recovery: Recovery,
+}
+
+thread_local! {
+    /// The running read is speculative: blocks may be reused under it, and a failure is damage
+    /// only once its caller has ruled that out (see [`speculative`]).
+    static SPECULATIVE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a lock-free read whose blocks may be reused under it: what it finds wrong is neither
+/// recorded as damage nor makes blocks suspect; the caller decides once it knows.
+fn speculative<T>(read: impl FnOnce() -> T) -> T {
+    let was = SPECULATIVE.replace(true);
+    let out = read();
+    SPECULATIVE.set(was);
+    out
 }
 
 /// Guards over one or more inode stripes.
@@ -161,10 +179,41 @@ impl Engine {
         Ok(block)
     }
 
-    /// A corruption error; remembers that the image has errors.
+    /// A corruption error; remembers that the image has errors (unless the read that found it
+    /// is speculative, see [`speculative`]).
     pub fn corrupt(&self, what: impl Into<String>) -> Error {
-        self.errors.store(true, Ordering::Relaxed);
+        if !SPECULATIVE.get() {
+            self.errors.store(true, Ordering::Relaxed);
+        }
         Error::Corrupt(what.into())
+    }
+
+    /// Remembers that a pointer led to `block` and the block was not what the pointer's
+    /// structure expects: it may belong to another structure, so it is never handed out
+    /// (nor freed for reuse) until fsck decides who owns it. Otherwise, once its real owner
+    /// frees it, whatever reused it would be reachable through the damaged pointer too.
+    fn suspect(&self, block: u64) {
+        if SPECULATIVE.get() {
+            return;
+        }
+        if self.suspects.lock().insert(block) {
+            log::error!(
+                "block {block} is reached by a damaged pointer: it stays allocated until `mmapfs fsck --repair`"
+            );
+        }
+        self.any_suspects.store(true, Ordering::Release);
+    }
+
+    /// Repair decides who owns every block from a full walk: what reads marked suspect
+    /// before it no longer matters.
+    fn forget_suspects(&self) {
+        self.suspects.lock().clear();
+        self.any_suspects.store(false, Ordering::Release);
+    }
+
+    /// Whether `block` was reached by a damaged pointer (see [`Engine::suspect`]).
+    fn is_suspect(&self, block: u64) -> bool {
+        self.any_suspects.load(Ordering::Acquire) && self.suspects.lock().contains(&block)
     }
 
     /// Records damage found by a check of the live image: the next commit marks the image for

@@ -540,6 +540,8 @@ impl Engine {
             trusted,
             dirty_data: Mutex::new(Default::default()),
             errors: AtomicBool::new(false),
+            suspects: Mutex::new(Default::default()),
+            any_suspects: AtomicBool::new(false),
             recovery: Recovery {
                 slot: choice.slot,
                 txn: sb.txn.get(),

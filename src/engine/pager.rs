@@ -47,6 +47,7 @@ impl Engine {
     ) -> Result<Trailer> {
         let t = self.trailer(block)?;
         if t.kind != kind as u8 || level.is_some_and(|l| u32::from(t.level) != l) {
+            self.suspect(block);
             return Err(self.corrupt(format!(
                 "block {block}: expected {kind:?}{} but the block says kind {} level {}",
                 level.map(|l| format!(" at level {l}")).unwrap_or_default(),
@@ -64,6 +65,7 @@ impl Engine {
         if !inner && !self.trusted(block) {
             let bytes = self.img.bytes(block_off(block), BLOCK_SIZE as usize)?;
             if block_checksum(bytes) != t.checksum.get() {
+                self.suspect(block);
                 return Err(self.corrupt(format!("block {block} ({kind:?}): checksum mismatch")));
             }
             if let Some((recorded, actual)) = set_bits_mismatch(bytes, &t) {

@@ -1021,3 +1021,61 @@ fn a_data_pointer_to_a_superblock_slot_is_refused() {
     assert_eq!(fs::read(m.p("other")).unwrap(), b"untouched");
     m.finish();
 }
+
+/// A file's tree pointer into another file's data: once the daemon has seen the pointer fail,
+/// the block is never handed out again, even after its real owner frees it. Reused, it would
+/// be reachable through the damaged pointer too, and repair would hand it to whichever inode
+/// it met first (here the damaged one, taking the new owner's block away).
+#[test]
+fn a_block_reached_by_a_damaged_pointer_is_not_reused() {
+    const TREE: usize = 96;
+    let mut m = Mount::new();
+    fs::write(m.p("a"), pattern(1, 0, 8192)).unwrap();
+    fs::write(m.p("b"), pattern(2, 0, 4096)).unwrap();
+    let a = fs::metadata(m.p("a")).unwrap().ino();
+    let b = fs::metadata(m.p("b")).unwrap().ino();
+    assert!(a < b, "repair meets the damaged inode first");
+    m.settle();
+    let bytes = fs::read(m.image()).unwrap();
+    let b_tree = u64::from_le_bytes(
+        bytes[inode_offset(&bytes, b) + TREE..][..8]
+            .try_into()
+            .unwrap(),
+    );
+    let b_data = tree_block(&bytes, b_tree, 0);
+    patch_inode(m.image(), a, TREE, &((1u64 << 56) | b_data).to_le_bytes());
+    m.mount();
+    let err = fs::read(m.p("a")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Free b's blocks, let the frees become reusable, then allocate plenty.
+    fs::remove_file(m.p("b")).unwrap();
+    // (The daemon frees an unlinked inode's blocks when the kernel forgets it.)
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(100));
+        fs::write(m.p("sync"), [round]).unwrap();
+        File::open(m.p("sync")).unwrap().sync_all().unwrap();
+    }
+    for i in 0..200 {
+        fs::write(m.p(&format!("n{i}")), pattern(i + 10, 0, 4096)).unwrap();
+    }
+    File::open(m.path()).unwrap().sync_all().unwrap();
+    m.unmount();
+    let now = fs::read(m.image()).unwrap();
+    let d = b_data as usize * 4096;
+    assert!(
+        now[d..d + 4096] == pattern(2, 0, 4096)[..],
+        "block {b_data}, reached by a's damaged pointer, was reused"
+    );
+    assert!(m.log().contains("damaged pointer"), "{}", m.log());
+    fsck_repair(m.image());
+    fsck(m.image());
+    m.mount();
+    for i in 0..200 {
+        assert_eq!(
+            fs::read(m.p(&format!("n{i}"))).unwrap(),
+            pattern(i + 10, 0, 4096),
+            "n{i}"
+        );
+    }
+    m.finish();
+}
