@@ -213,6 +213,22 @@ pub struct Fs {
     dir_streams: Mutex<DirStreams>,
 }
 
+/// Answers SEEK_DATA / SEEK_HOLE from the image, on any thread.
+pub struct Seeker(Arc<Engine>);
+
+impl Seeker {
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
+        let _g = self.0.lock_read(ino);
+        let rec = self.0.read_inode(ino)?;
+        let want_data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(Error::Invalid),
+        };
+        self.0.seek(&rec, off, want_data)?.ok_or(Error::NoData)
+    }
+}
+
 #[derive(Default)]
 struct DirStreams {
     next: u64,
@@ -1478,14 +1494,12 @@ impl Fs {
 
     /// SEEK_DATA / SEEK_HOLE.
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
-        let _g = self.engine.lock_read(ino);
-        let rec = self.engine.read_inode(ino)?;
-        let want_data = match whence {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return Err(Error::Invalid),
-        };
-        self.engine.seek(&rec, off, want_data)?.ok_or(Error::NoData)
+        self.seeker().lseek(ino, off, whence)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE for another thread (see `FuseAdapter::lseek`).
+    pub fn seeker(&self) -> Seeker {
+        Seeker(Arc::clone(&self.engine))
     }
 
     pub fn copy_file_range(

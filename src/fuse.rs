@@ -175,8 +175,13 @@ impl FuseAdapter {
     /// After a change of `ino`'s access ACL on a mount without default_permissions: the
     /// kernel, not told of ACLs there, does not drop its cached attributes itself, and the mode
     /// follows the ACL.
-    fn acl_changed(&self, ino: INodeNo, name: &[u8], r: &Result<(), Error>) {
-        if !self.opts.default_permissions && r.is_ok() && name == crate::acl::ACCESS {
+    /// After a setxattr or removexattr: an access ACL changes the mode bits, which the
+    /// kernel must see when the daemon checks permissions; and attribute chunks change
+    /// st_blocks, which the kernel re-reads only if told (with the writeback cache it keeps
+    /// the ctime it set itself, so nothing else makes it ask).
+    fn xattr_changed(&self, ino: INodeNo, name: &[u8], r: &Result<(), Error>) {
+        let acl = !self.opts.default_permissions && name == crate::acl::ACCESS;
+        if r.is_ok() && (acl || self.opts.writeback_cache) {
             self.invalidate_attrs(ino);
         }
     }
@@ -794,6 +799,12 @@ impl Filesystem for FuseAdapter {
         let start = std::time::Instant::now();
         let r = self.fs.fsync(ino.0, datasync);
         self.stats.fsync_done(start.elapsed());
+        if self.opts.writeback_cache && r.is_ok() {
+            // The kernel wrote its dirty pages back before this request, and those WRITE
+            // replies told it nothing about the blocks they allocated: without this, st_blocks
+            // (du) would stay as cached before the data reached the image.
+            self.invalidate_attrs(ino);
+        }
         reply_empty(reply, r);
     }
 
@@ -916,7 +927,7 @@ impl Filesystem for FuseAdapter {
             return reply.error(e);
         }
         let r = self.fs.setxattr(ino.0, name, value, flags);
-        self.acl_changed(ino, name, &r);
+        self.xattr_changed(ino, name, &r);
         reply_empty(reply, r);
     }
 
@@ -951,7 +962,7 @@ impl Filesystem for FuseAdapter {
             return reply.error(e);
         }
         let r = self.fs.removexattr(ino.0, name);
-        self.acl_changed(ino, name, &r);
+        self.xattr_changed(ino, name, &r);
         reply_empty(reply, r);
     }
 
@@ -1079,18 +1090,39 @@ impl Filesystem for FuseAdapter {
         reply: ReplyLseek,
     ) {
         self.stats.count(Op::Lseek);
-        if self.opts.writeback_cache {
-            // The kernel sends LSEEK without writing its dirty pages back first, so data it still
-            // caches would look like a hole. ENOSYS makes it fall back to "all data up to EOF":
-            // no sparseness information, but never a hole over unwritten data.
-            return reply.error(Errno::from_i32(libc::ENOSYS));
-        }
         if offset < 0 {
             return reply.error(Errno::from_i32(libc::ENXIO));
         }
-        match self.fs.lseek(ino.0, offset as u64, whence) {
-            Ok(o) => reply.offset(o as i64),
-            Err(e) => reply.error(errno(&e)),
+        // The kernel sends LSEEK without writing back the pages it holds dirty (stores through
+        // a mapping; any write with the writeback cache), so their data would look like a
+        // hole. Invalidating the file's cache from `offset` on makes the kernel write those
+        // pages back first (it launders dirty pages before dropping them), through WRITE
+        // requests the other threads serve. So the invalidation and the answer run on a
+        // thread of their own: a request thread waiting for it could be the one its WRITEs
+        // need (with io_uring, always: they queue on the waiting thread's CPU). The cost:
+        // the file's cached pages from `offset` on are read again.
+        let seeker = self.fs.seeker();
+        let notifier = self.notifier.get().cloned();
+        let answer = move || {
+            if let Some(n) = notifier
+                && let Err(e) = n.inval_inode(ino, offset & !4095, 0)
+            {
+                log::warn!(
+                    "lseek of inode {}: cached pages not written back: {e}",
+                    ino.0
+                );
+            }
+            match seeker.lseek(ino.0, offset as u64, whence) {
+                Ok(o) => reply.offset(o as i64),
+                Err(e) => reply.error(errno(&e)),
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("mmapfs-lseek".into())
+            .spawn(answer)
+        {
+            // (The reply went down with the closure: the kernel sees the request fail.)
+            log::error!("lseek of inode {}: no thread to answer it: {e}", ino.0);
         }
     }
 

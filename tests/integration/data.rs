@@ -86,6 +86,8 @@ fn sparse_file_at_one_tib() {
     let payload = pattern(12, TIB, 10_000);
     f.write_all_at(&payload, TIB).unwrap();
     f.write_all_at(b"head", 0).unwrap();
+    // (With the writeback cache, st_blocks counts the data once the kernel wrote it back.)
+    f.sync_all().unwrap();
     let md = f.metadata().unwrap();
     assert_eq!(md.len(), TIB + 10_000);
     // 3 data blocks + 1 + a few tree nodes, in 512-byte units.
@@ -123,9 +125,15 @@ fn sparse_file_at_one_tib() {
     r.unwrap();
     drop(f);
     let f = rw(&m.p("sparse"));
-    let r = f.write_all_at(b"x", 1 << 60);
-    assert_eq!(err_of(r), libc::EFBIG);
+    match f.write_all_at(b"x", 1 << 60) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EFBIG)),
+        // The writeback cache takes the write (the kernel knows no size limit of a FUSE
+        // filesystem); writing it back fails, and fsync says so.
+        Ok(()) => assert_eq!(err_of(f.sync_all()), libc::EFBIG),
+    }
     drop(f);
+    m.remount();
+    assert_eq!(fs::metadata(m.p("sparse")).unwrap().len(), TIB + 10_000);
     m.finish();
 }
 
@@ -207,6 +215,57 @@ fn fallocate_modes_and_seek_data_hole() {
     );
     drop(g);
     m.finish();
+}
+
+/// The kernel sends LSEEK without writing back the pages it holds dirty: a store through a
+/// mapping (any mount) or a cached write (writeback cache) into a hole must still read as data,
+/// exactly as on tmpfs, while the pages are still only in the kernel.
+#[test]
+fn seek_data_sees_pages_the_kernel_has_not_written_back() {
+    for options in [&[][..], &["writeback_cache"][..]] {
+        let m = Mount::with(&["--size", "16M"], options);
+        let f = rw(&m.p("sparse"));
+        f.set_len(1 << 20).unwrap();
+        let mut map = Map::new(&f, 1 << 20, libc::MAP_SHARED);
+        map.slice()[5 * 4096 + 10] = 1;
+        assert_eq!(
+            lseek(&f, 0, libc::SEEK_DATA),
+            Ok(5 * 4096),
+            "{options:?}: stored page"
+        );
+        assert_eq!(
+            lseek(&f, 5 * 4096, libc::SEEK_HOLE),
+            Ok(6 * 4096),
+            "{options:?}"
+        );
+        f.write_all_at(b"w", 9 * 4096 + 7).unwrap();
+        assert_eq!(
+            lseek(&f, 6 * 4096, libc::SEEK_DATA),
+            Ok(9 * 4096),
+            "{options:?}: written page"
+        );
+        assert_eq!(
+            lseek(&f, 9 * 4096, libc::SEEK_HOLE),
+            Ok(10 * 4096),
+            "{options:?}"
+        );
+        // A store after the seek (the mapping is still live) is seen by the next one.
+        map.slice()[20 * 4096] = 2;
+        assert_eq!(
+            lseek(&f, 10 * 4096, libc::SEEK_DATA),
+            Ok(20 * 4096),
+            "{options:?}: again"
+        );
+        drop(map);
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(
+            (back[5 * 4096 + 10], back[9 * 4096 + 7], back[20 * 4096]),
+            (1, b'w', 2)
+        );
+        drop(f);
+        m.finish();
+    }
 }
 
 fn copy_file_range(a: &File, off_a: u64, b: &File, off_b: u64, len: usize) -> Result<usize, i32> {
