@@ -117,12 +117,10 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
-            // Writeback cache stays opt-in: with it, SEEK_DATA/SEEK_HOLE and st_blocks only see
-            // data the kernel has written back, and the kernel's mtime can differ from the one
-            // persisted (integration tests data::fallocate_modes_and_seek_data_hole,
-            // data::sparse_file_at_one_tib, posix::chmod_chown_and_nanosecond_times fail with it).
+            // The writeback cache: write(2) fills the kernel's page cache and the kernel sends
+            // large WRITEs when it writes back (docs/fuse.md).
             kernel: KernelOptions {
-                writeback_cache: false,
+                writeback_cache: true,
                 acl: true,
                 atime: Atime::Relative,
                 diratime: true,
