@@ -292,7 +292,8 @@ if [[ $FS_UNDER_TEST == mmapfs ]]; then
     mount_cmd=("$MMAPFS" mount)
     [[ -n $THREADS ]] && mount_cmd+=(--threads "$THREADS")
     [[ -n $MOUNT_OPTS ]] && mount_cmd+=(-o "$MOUNT_OPTS")
-    mount_cmd+=("$IMAGE" "$MNT_B")
+    # The daemon's log goes with the results (warnings, damage it found).
+    mount_cmd+=(--log-file "$RAW/mmapfs-daemon.log" "$IMAGE" "$MNT_B")
     log "${mount_cmd[*]}"
     MOUNTED_B=1
     timeout 60 "${mount_cmd[@]}" >&2 || die "mmapfs mount failed"

@@ -51,6 +51,9 @@ impl ItabState {
 
 /// Reads of a record retried at most this often when blocks keep being reused under them.
 const READ_RETRIES: u32 = 1000;
+/// Reads of a record retried at most this often when its checksum fails (see
+/// [`Engine::read_inode_raw`]).
+const TORN_READ_RETRIES: u32 = 100;
 
 impl Engine {
     /// Byte offset of inode `ino`'s record, through the published inode-table tree.
@@ -70,6 +73,7 @@ impl Engine {
 
     /// Reads inode `ino` (free or used), verifying its checksum.
     pub fn read_inode_raw(&self, ino: u64) -> Result<Inode> {
+        let mut torn_reads = 0;
         for _ in 0..READ_RETRIES {
             let generation = self.txm.reuse_gen.load(Ordering::Acquire);
             let read = super::speculative(|| {
@@ -86,10 +90,17 @@ impl Engine {
                 return Err(self.corrupt(why));
             }
             let rec = read?;
-            if !rec.checksum_ok() {
+            if rec.checksum_ok() {
+                return Ok(rec);
+            }
+            // Records are written in place under the `itab` lock, and some by threads that do
+            // not hold this inode's lock (links of the free and orphan lists): the read may
+            // have met one half-written. A mismatch that persists is damage.
+            torn_reads += 1;
+            if torn_reads > TORN_READ_RETRIES {
                 return Err(self.corrupt(format!("inode {ino}: checksum mismatch")));
             }
-            return Ok(rec);
+            std::thread::yield_now();
         }
         Err(Error::corrupt(format!(
             "inode {ino}: blocks kept being reused while reading it"
