@@ -21,6 +21,9 @@ use crate::format::*;
 /// heap bounded however many files are written between two fsyncs.
 const MAX_TRACKED_RANGES: usize = 1 << 16;
 
+/// Writes of at least this many bytes start their pages' write-back to the host file at once.
+const EARLY_WRITE_BACK: u64 = 512 << 10;
+
 /// Data ranges (in blocks) written since the last fsync of their inode.
 #[derive(Default)]
 pub(super) struct DirtyData {
@@ -247,6 +250,15 @@ impl Engine {
             self.img
                 .write(block_off(run.start) + (pos - run_start_byte), src)?;
             self.mark_data(ino, run.start, run.len);
+            if src.len() as u64 >= EARLY_WRITE_BACK {
+                // A large write is a stream (the kernel's write-back of a file, a big copy): its
+                // pages start on their way to the disk now, so a later fsync finds them written
+                // instead of writing them all itself. (A failure shows again at that fsync.)
+                let _ = self.img.start_write_back(
+                    block_off(run.start) + (pos - run_start_byte),
+                    src.len() as u64,
+                );
+            }
             pos = chunk_end;
         }
         Ok(())
