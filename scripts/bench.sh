@@ -81,12 +81,12 @@ ALL_WORKLOADS=(
     seq-write-cold seq-read-cold seq-read-warm seq-write-warm
     rand-read-cold rand-read rand-write
     mmap-seq-write mmap-seq-read-cold mmap-seq-read mmap-rand-read-cold mmap-rand-read mmap-rand-write
-    msync fsync-randwrite fsync-dd fsync-sqlite-rollback fsync-sqlite-wal
+    msync fsync-randwrite fsync-dd fsync-seq-write fsync-rand-write fsync-sqlite-rollback fsync-sqlite-wal
     scale-randrw-1 scale-randrw-2 scale-randrw-4
     meta-1dir meta-100dirs smallfiles sqlite git-checkout
 )
 # The workloads whose cost is durability: the host filesystem is their reference (also in report.py).
-FSYNC_WORKLOADS=(msync fsync-randwrite fsync-dd fsync-sqlite-rollback fsync-sqlite-wal)
+FSYNC_WORKLOADS=(msync fsync-randwrite fsync-dd fsync-seq-write fsync-rand-write fsync-sqlite-rollback fsync-sqlite-wal)
 if ((LIST)); then
     printf '%s\n' "${ALL_WORKLOADS[@]}"
     exit 0

@@ -129,6 +129,8 @@ METRICS = {
         ("fsync latency p99", "µs", LOWER, fio_sync_pct("99.000000")),
     ],
     "fsync-dd": [("dd bs=1M conv=fsync, new file", "MiB/s", HIGHER, tool_bw("write"))],
+    "fsync-seq-write": [("write 1 MiB psync + final fsync", "MiB/s", HIGHER, fio_bw("write"))],
+    "fsync-rand-write": [("write 4 KiB psync + final fsync", "IOPS", HIGHER, fio_iops("write"))],
     # (journal_mode=DELETE or WAL: the workload's name says which)
     "fsync-sqlite-rollback": [("autocommit insert, synchronous=FULL", "commits/s", HIGHER, tool_rate("commit"))],
     "fsync-sqlite-wal": [("autocommit insert, synchronous=FULL", "commits/s", HIGHER, tool_rate("commit"))],
@@ -156,7 +158,15 @@ METRICS = {
 
 # The rows whose cost is durability (fsync/msync reaching the disk): their reference is the host filesystem,
 # and issue 8's target is mmapfs within 1.5x of it.
-FSYNC_WORKLOADS = ("msync", "fsync-randwrite", "fsync-dd", "fsync-sqlite-rollback", "fsync-sqlite-wal")
+FSYNC_WORKLOADS = (
+    "msync",
+    "fsync-randwrite",
+    "fsync-dd",
+    "fsync-seq-write",
+    "fsync-rand-write",
+    "fsync-sqlite-rollback",
+    "fsync-sqlite-wal",
+)
 HOST_TARGET = 1 / 1.5
 
 

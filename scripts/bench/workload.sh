@@ -126,6 +126,15 @@ msync)
     ;;
 # ---- fsync-heavy: durability at the price of the disk (compare with the host filesystem column) ----
 # 4 KiB random writes (psync), each followed by fsync, on a file laid out and fsynced first (untimed)
+# ---- the psync write jobs again, each ending in fsync (fio counts the final fsync in its time) ----
+fsync-seq-write)
+    rm -f "$big"
+    fio_run "$wl" "${seq_args[@]}" --rw=write --bs=1m --end_fsync=1
+    ;;
+fsync-rand-write)
+    ensure_big
+    fio_run "$wl" "${rand_args[@]}" --rw=randwrite --bs=4k --end_fsync=1
+    ;;
 fsync-randwrite)
     f=$dir/fsync.dat
     rm -f "$f"
