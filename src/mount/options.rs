@@ -15,8 +15,14 @@ pub const BDI_KNOBS: [&str; 4] = ["read_ahead_kb", "max_ratio", "strict_limit", 
 /// throttles writes through mappings (mmap sequential writes: 490 -> 1323 MB/s without it, 1 GiB
 /// fio on 2 cores). The limit guards against daemons that cannot make progress on writeback;
 /// this one copies into its own mapping of a file on another device. `-o max_ratio=1,
-/// strict_limit=1` restores the kernel's settings.
-const DEFAULT_BDI: [(&str, &str); 2] = [("max_ratio", "40"), ("strict_limit", "0")];
+/// strict_limit=1` restores the kernel's settings. Readahead of 4 MiB instead of the kernel's
+/// 128 KiB keeps a sequential reader's next requests in flight while it copies (cold 1 MiB reads
+/// 2298 -> 2947 MiB/s, through a mapping 2243 -> 2833 MiB/s; random cold reads unchanged).
+const DEFAULT_BDI: [(&str, &str); 3] = [
+    ("max_ratio", "40"),
+    ("strict_limit", "0"),
+    ("read_ahead_kb", "4096"),
+];
 
 /// Options that fstab lines and mount(8) carry and that mean nothing to this filesystem (mount(8)
 /// acts on most of them itself): accepted and ignored, as other FUSE filesystems do.

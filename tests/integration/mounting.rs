@@ -786,3 +786,27 @@ fn noallow_other_auto_unmount_and_quiet_unmount() {
     assert!(!text.contains("WARN") && !text.contains("ERROR"), "{text}");
     fsck_repair(&image);
 }
+
+/// The backing device of the mount gets the daemon's settings (raised dirty limit, 4 MiB
+/// readahead), and `-o` overrides them one by one.
+#[test]
+fn backing_device_settings_are_applied() {
+    let bdi = |m: &Mount, knob: &str| {
+        let dev = fs::metadata(m.path()).unwrap().dev();
+        let dir = format!("/sys/class/bdi/{}:{}", libc::major(dev), libc::minor(dev));
+        fs::read_to_string(format!("{dir}/{knob}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let m = Mount::new();
+    assert_eq!(bdi(&m, "read_ahead_kb"), "4096");
+    assert_eq!(bdi(&m, "max_ratio"), "40");
+    assert_eq!(bdi(&m, "strict_limit"), "0");
+    m.finish();
+    let m = Mount::with(&["--size", "16M"], &["read_ahead_kb=256", "max_ratio=1"]);
+    assert_eq!(bdi(&m, "read_ahead_kb"), "256");
+    assert_eq!(bdi(&m, "max_ratio"), "1");
+    assert_eq!(bdi(&m, "strict_limit"), "0");
+    m.finish();
+}
