@@ -94,10 +94,15 @@ thread_local! {
 /// Runs a lock-free read whose blocks may be reused under it: what it finds wrong is neither
 /// recorded as damage nor makes blocks suspect; the caller decides once it knows.
 fn speculative<T>(read: impl FnOnce() -> T) -> T {
-    let was = SPECULATIVE.replace(true);
-    let out = read();
-    SPECULATIVE.set(was);
-    out
+    /// Restores the flag however the read ends (a panic included).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SPECULATIVE.set(self.0);
+        }
+    }
+    let _restore = Restore(SPECULATIVE.replace(true));
+    read()
 }
 
 /// Guards over one or more inode stripes.
