@@ -394,7 +394,9 @@ fn reply_ioctl_empty(reply: ReplyIoctl, r: Result<(), Error>) {
 }
 
 /// Open replies keep the page cache (nothing changes the file behind the kernel's back) and
-/// skip FLUSH on close (data is in the mapping when a write returns; flush has nothing to do).
+/// skip FLUSH on close (data is in the mapping when a WRITE returns; flush has nothing to do).
+/// With the writeback cache the kernel ignores NOFLUSH: at close it writes its dirty pages back
+/// itself, and the FLUSH that follows answers ENOSYS once.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
 impl Filesystem for FuseAdapter {
