@@ -213,6 +213,13 @@ pub struct Fs {
     dir_streams: Mutex<DirStreams>,
 }
 
+/// What a write did.
+pub struct Written {
+    pub len: u32,
+    /// The file's block count (st_blocks) changed.
+    pub blocks_changed: bool,
+}
+
 /// Answers SEEK_DATA / SEEK_HOLE from the image, on any thread.
 pub struct Seeker(Arc<Engine>);
 
@@ -1197,12 +1204,24 @@ impl Fs {
     /// `by` is `None` for the write-back of pages stored through a mapping, which drops nothing
     /// (as on tmpfs, where stores through a mapping never touch set-ID bits or capabilities).
     pub fn write(&self, ino: u64, off: u64, data: &[u8], by: Option<&Changer>) -> Result<u32> {
+        self.write_tracked(ino, off, data, by).map(|w| w.len)
+    }
+
+    /// [`Fs::write`], also saying whether the file's block count changed.
+    pub fn write_tracked(
+        &self,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        by: Option<&Changer>,
+    ) -> Result<Written> {
         let tx = self.begin_write(ino, off, data.len() as u64)?;
         let _g = self.engine.lock_write(ino);
         let mut rec = self.engine.read_inode(ino)?;
         if rec.is_dir() {
             return Err(Error::IsDir);
         }
+        let blocks_before = rec.blocks.get();
         let end = off.checked_add(data.len() as u64).ok_or(Error::TooBig)?;
         if end > MAX_FILE_SIZE {
             return Err(Error::TooBig);
@@ -1222,7 +1241,10 @@ impl Fs {
         }
         self.engine.write_inode(&tx, ino, &mut rec)?;
         dropped?;
-        r.map(|_| data.len() as u32)
+        r.map(|_| Written {
+            len: data.len() as u32,
+            blocks_changed: rec.blocks.get() != blocks_before,
+        })
     }
 
     /// Begins a transaction for writing `len` bytes at `off` of `ino`. On a full host disk the

@@ -79,6 +79,9 @@ pub struct FuseAdapter {
     /// Tells the kernel what changed behind its back; set once the session exists
     /// (`FuseAdapter::notifier_slot`).
     notifier: Arc<OnceLock<Notifier>>,
+    /// Files whose block count write-backs from the page cache changed since their last fsync
+    /// (the kernel's cached st_blocks is stale; see `fsync`).
+    blocks_unseen: parking_lot::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl FuseAdapter {
@@ -96,6 +99,7 @@ impl FuseAdapter {
             initialized: false,
             stats: Arc::default(),
             notifier: Arc::default(),
+            blocks_unseen: Default::default(),
         }
     }
 
@@ -486,6 +490,7 @@ impl Filesystem for FuseAdapter {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.stats.count(Op::Forget);
+        self.blocks_unseen.lock().remove(&ino.0);
         if let Err(e) = self.fs.forget(ino.0, nlookup) {
             log::error!("forget {}: {e}", ino.0);
         }
@@ -758,8 +763,12 @@ impl Filesystem for FuseAdapter {
         // kernel itself falls back to a direct write when set-ID bits must go) drops nothing.
         let from_page_cache = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let changer = (!from_page_cache).then_some(&by);
-        match self.fs.write(ino.0, offset, data, changer) {
-            Ok(n) => {
+        match self.fs.write_tracked(ino.0, offset, data, changer) {
+            Ok(w) => {
+                if from_page_cache && w.blocks_changed {
+                    self.blocks_unseen.lock().insert(ino.0);
+                }
+                let n = w.len;
                 // The WRITE reply carries no attributes, so the kernel would go on showing (and
                 // honouring, for exec) set-ID bits the write dropped until its cached attributes
                 // expire. Attributes only (offset -1): the page cache stays.
@@ -801,10 +810,12 @@ impl Filesystem for FuseAdapter {
         let start = std::time::Instant::now();
         let r = self.fs.fsync(ino.0, datasync);
         self.stats.fsync_done(start.elapsed());
-        if self.opts.writeback_cache && r.is_ok() {
+        if r.is_ok() && self.blocks_unseen.lock().remove(&ino.0) {
             // The kernel wrote its dirty pages back before this request, and those WRITE
             // replies told it nothing about the blocks they allocated: without this, st_blocks
-            // (du) would stay as cached before the data reached the image.
+            // (du) would stay as cached before the data reached the image. Only then: the
+            // kernel re-reads attributes before its next cached write (a GETATTR, and a
+            // GETXATTR of security.capability), two round trips a write + fsync would pay.
             self.invalidate_attrs(ino);
         }
         reply_empty(reply, r);

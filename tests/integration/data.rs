@@ -560,3 +560,49 @@ fn mmap_shared_between_processes() {
     drop(f);
     m.finish();
 }
+
+/// With the writeback cache a write + fsync is the page's WRITE and the FSYNC: the daemon drops
+/// the kernel's cached attributes after an fsync only when the written-back pages changed the
+/// block count, since the kernel re-reads them (GETATTR, then GETXATTR security.capability)
+/// before its next cached write. Overwrites change no blocks; appends do, and st_blocks then
+/// shows them right after the fsync.
+#[test]
+fn write_and_fsync_cost_two_requests_and_keep_st_blocks_exact() {
+    let m = Mount::new();
+    let f = rw(&m.p("f"));
+    f.write_all_at(&pattern(1, 0, 1 << 20), 0).unwrap();
+    f.sync_all().unwrap();
+    let count = |op: &str| -> u64 {
+        let out = run(std::process::Command::new(BIN)
+            .arg("stats")
+            .arg("--prometheus")
+            .arg(m.path()));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let key = format!("mmapfs_requests_total{{op=\"{op}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let (getattr, getxattr) = (count("getattr"), count("getxattr"));
+    for i in 0..200u64 {
+        f.write_all_at(&[i as u8; 4096], (i * 7919 % 256) * 4096)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let extra = (count("getattr") - getattr) + (count("getxattr") - getxattr);
+    assert!(
+        extra < 20,
+        "{extra} GETATTR/GETXATTR requests for 200 writes + fsyncs"
+    );
+    // An append allocates: its blocks show right after the fsync.
+    let before = f.metadata().unwrap().blocks();
+    f.write_all_at(&pattern(2, 0, 1 << 20), 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    let after = f.metadata().unwrap().blocks();
+    assert!(
+        after >= before + 2048,
+        "st_blocks {before} -> {after} after a 1 MiB append + fsync"
+    );
+    drop(f);
+    m.finish();
+}
