@@ -179,15 +179,27 @@ impl FuseAdapter {
     /// After a change of `ino`'s access ACL on a mount without default_permissions: the
     /// kernel, not told of ACLs there, does not drop its cached attributes itself, and the mode
     /// follows the ACL.
-    /// After a setxattr or removexattr: an access ACL changes the mode bits, which the
-    /// kernel must see when the daemon checks permissions; and attribute chunks change
-    /// st_blocks, which the kernel re-reads only if told (with the writeback cache it keeps
-    /// the ctime it set itself, so nothing else makes it ask).
-    fn xattr_changed(&self, ino: INodeNo, name: &[u8], r: &Result<(), Error>) {
+    /// Runs a setxattr or removexattr, then drops the kernel's cached attributes where they
+    /// went stale: an access ACL changes the mode bits, which the kernel must see when the
+    /// daemon checks permissions; attribute chunks change st_blocks, which the kernel re-reads
+    /// only if told (with the writeback cache it keeps the ctime it set itself, so nothing else
+    /// makes it ask). Not otherwise: the kernel would re-read them before its next cached write
+    /// (a GETATTR and a GETXATTR).
+    fn change_xattr(
+        &self,
+        ino: INodeNo,
+        name: &[u8],
+        change: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let blocks = || self.fs.getattr(ino.0).map(|a| a.blocks).ok();
+        let before = self.opts.writeback_cache.then(blocks).flatten();
+        change()?;
         let acl = !self.opts.default_permissions && name == crate::acl::ACCESS;
-        if r.is_ok() && (acl || self.opts.writeback_cache) {
+        let grown = self.opts.writeback_cache && blocks() != before;
+        if acl || grown {
             self.invalidate_attrs(ino);
         }
+        Ok(())
     }
 
     /// Records an access in atime (`Fs::note_access`). READ, READDIR and READLINK make the
@@ -939,8 +951,7 @@ impl Filesystem for FuseAdapter {
         if let Some(Err(e)) = self.check(req, |c| self.fs.may_xattr(ino.0, name, true, c)) {
             return reply.error(e);
         }
-        let r = self.fs.setxattr(ino.0, name, value, flags);
-        self.xattr_changed(ino, name, &r);
+        let r = self.change_xattr(ino, name, || self.fs.setxattr(ino.0, name, value, flags));
         reply_empty(reply, r);
     }
 
@@ -974,8 +985,7 @@ impl Filesystem for FuseAdapter {
         if let Some(Err(e)) = self.check(req, |c| self.fs.may_xattr(ino.0, name, true, c)) {
             return reply.error(e);
         }
-        let r = self.fs.removexattr(ino.0, name);
-        self.xattr_changed(ino, name, &r);
+        let r = self.change_xattr(ino, name, || self.fs.removexattr(ino.0, name));
         reply_empty(reply, r);
     }
 
