@@ -176,12 +176,10 @@ impl FuseAdapter {
         Some(f(&caller).map_err(|e| errno(&e)))
     }
 
-    /// After a change of `ino`'s access ACL on a mount without default_permissions: the
-    /// kernel, not told of ACLs there, does not drop its cached attributes itself, and the mode
-    /// follows the ACL.
     /// Runs a setxattr or removexattr, then drops the kernel's cached attributes where they
-    /// went stale: an access ACL changes the mode bits, which the kernel must see when the
-    /// daemon checks permissions; attribute chunks change st_blocks, which the kernel re-reads
+    /// went stale: an access ACL changes the mode bits, which the kernel (not told of ACLs on a
+    /// mount without default_permissions) must see when the daemon checks permissions;
+    /// attribute chunks change st_blocks, which the kernel re-reads
     /// only if told (with the writeback cache it keeps the ctime it set itself, so nothing else
     /// makes it ask). Not otherwise: the kernel would re-read them before its next cached write
     /// (a GETATTR and a GETXATTR).
