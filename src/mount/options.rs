@@ -73,7 +73,8 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
   umask=OCTAL         show every file with these permission bits cleared
   commit=SECONDS      seconds between commits when nothing calls fsync [5]
   writeback_cache, no_writeback_cache
-                      let the kernel cache writes [off]
+                      let the kernel cache writes until close, fsync or its
+                      own write-back [writeback_cache; README, Durability]
   no_readdirplus, no_clone_fd, no_pin_threads, max_write=BYTES
                       FUSE tuning (docs/fuse.md)
   io_uring, no_io_uring
@@ -83,7 +84,8 @@ Mount options (-o, comma separated; a later one overrides an earlier one):
                       which only root can set and mmapfs never sets; when
                       it is off, a warning says so and /dev/fuse is used
   read_ahead_kb=N, max_ratio=N, strict_limit=0|1, max_bytes=N
-                      backing-device settings [max_ratio=40,strict_limit=0]
+                      backing-device settings [read_ahead_kb=4096,
+                      max_ratio=40,strict_limit=0]
   fsname=NAME         the source /proc/mounts shows [the image's path]
   defaults, auto, noauto, nofail, _netdev, user, users, owner, group, async,
   lazytime, nonempty, x-*, comment=*
