@@ -68,15 +68,16 @@ impl Engine {
                 self.suspect(block);
                 return Err(self.corrupt(format!("block {block} ({kind:?}): checksum mismatch")));
             }
-            if let Some((recorded, actual)) = set_bits_mismatch(bytes, &t) {
-                let why =
-                    format!("block {block}: bitmap records {recorded} bits set but has {actual}");
+            if let Some(m) = SetBitsMismatch::of(block, bytes, &t) {
                 // Bits cleared under a valid checksum would hand out blocks in use; bits set
                 // only leak blocks, so the group stays usable until fsck reclaims them.
-                if actual < recorded {
-                    return Err(self.corrupt(why));
+                if m.bits_cleared {
+                    return Err(self.corrupt(m.why));
                 }
-                log::error!("{why}: the extra blocks stay unused until `mmapfs fsck --repair`");
+                log::error!(
+                    "{}: the extra blocks stay unused until `mmapfs fsck --repair`",
+                    m.why
+                );
                 self.mark_damaged();
             }
             self.trust(block);
@@ -183,22 +184,35 @@ impl Engine {
         if block_checksum(bytes) != t.checksum.get() {
             return Err(self.corrupt(format!("block {block}: checksum mismatch")));
         }
-        if let Some((recorded, actual)) = set_bits_mismatch(bytes, &t) {
-            return Err(self.corrupt(format!(
-                "block {block}: bitmap records {recorded} bits set but has {actual}"
-            )));
+        if let Some(m) = SetBitsMismatch::of(block, bytes, &t) {
+            return Err(self.corrupt(m.why));
         }
         Ok(t)
     }
 }
 
 /// A bitmap whose recorded count of set bits disagrees with its payload (a bit changed under
-/// a valid checksum): `(recorded, actual)`.
-fn set_bits_mismatch(block: &[u8], t: &Trailer) -> Option<(u16, u16)> {
-    let recorded = t.set_bits.get();
-    if t.kind != BlockKind::Bitmap as u8 || recorded == 0 {
-        return None;
+/// a valid checksum).
+struct SetBitsMismatch {
+    /// Fewer bits set than recorded: a used block may look free.
+    bits_cleared: bool,
+    why: String,
+}
+
+impl SetBitsMismatch {
+    fn of(block: u64, bytes: &[u8], t: &Trailer) -> Option<SetBitsMismatch> {
+        let recorded = t.set_bits.get();
+        if t.kind != BlockKind::Bitmap as u8 || recorded == 0 {
+            return None;
+        }
+        let actual = bitmap_set_bits(&bytes[..PAYLOAD_SIZE as usize]);
+        (actual != recorded).then(|| SetBitsMismatch {
+            bits_cleared: actual < recorded,
+            why: format!(
+                "block {block}: bitmap records {} bits set but has {}",
+                recorded - 1,
+                actual - 1
+            ),
+        })
     }
-    let actual = bitmap_set_bits(&block[..PAYLOAD_SIZE as usize]);
-    (actual != recorded).then(|| (recorded - 1, actual - 1))
 }
